@@ -1,0 +1,43 @@
+"""Checkpoint every N PPO rollouts.
+
+Under manual optimization Lightning's ``global_step`` counts optimizer steps — ``ppo_epochs x
+num_minibatches`` per rollout, fewer when the epochs stop early on ``target_approx_kl`` — so
+``every_n_train_steps`` would drift. This callback counts rollouts (training batches) instead.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class RolloutCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that saves every ``every_n_rollouts`` rollouts (and keeps ``last.ckpt``).
+
+    Args:
+        every_n_rollouts: Save after every N rollouts; 0 saves only at epoch ends.
+        filename: Checkpoint file name pattern (``rollout`` is the rollout count).
+        save_last: Also keep ``last.ckpt`` (what ``--ckpt_path last`` resumes from).
+        auto_insert_metric_name: Prefix metric names in ``filename`` automatically.
+        **kwargs: Any ``ModelCheckpoint`` argument (dirpath, filename, save_top_k, ...).
+    """
+
+    def __init__(
+        self,
+        every_n_rollouts: int = 1,
+        filename: Optional[str] = "rollout-{rollout:.0f}",
+        save_last: Optional[bool] = True,
+        auto_insert_metric_name: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__(filename=filename, save_last=save_last, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
+        self.every_n_rollouts = every_n_rollouts
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = getattr(pl_module, "rollouts_done", batch_idx + 1)
+        if self.every_n_rollouts < 1 or n % self.every_n_rollouts or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)

@@ -1,0 +1,81 @@
+"""``python -m rlhf_lit {fit,validate,test}``: LightningCLI wired for PPO runs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from rlhf_lit.data import PromptDataModule
+from rlhf_lit.module import PPOModule
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Saves the resolved config beside the logs; a resumed run or a later ``test`` adds
+    ``config.<stage>N.yaml`` instead of failing on (or overwriting) the first run's ``config.yaml``."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved or trainer.log_dir is None:
+            return super().setup(trainer, pl_module, stage)
+        base = "config.yaml"
+        if (Path(trainer.log_dir) / base).exists():
+            n = 1
+            while (Path(trainer.log_dir) / f"config.{stage}{n}.yaml").exists():
+                n += 1
+            self.config_filename = f"config.{stage}{n}.yaml"
+        return super().setup(trainer, pl_module, stage)
+
+
+class RLHFCLI(LightningCLI):
+    """LightningCLI with the links a PPO run needs."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The prompts are tokenized with the policy's tokenizer; the module checks that the
+        # rollout batch splits into minibatches.
+        parser.link_arguments("model.policy.base_model", "data.tokenizer")
+        parser.link_arguments("model.policy.trust_remote_code", "data.trust_remote_code")
+        parser.link_arguments("data.batch_size", "model.rollout_batch_size")
+
+    def before_fit(self) -> None:
+        self._place_checkpoints()
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        for cb in self.trainer.checkpoint_callbacks:
+            last = Path(cb.dirpath) / "last.ckpt" if cb.dirpath else None
+            if ckpt_path is None and last is not None and last.exists():
+                raise SystemExit(
+                    f"error: {last} exists: this run folder already holds a run. Resume it with "
+                    f"'--ckpt_path last', or start a new run in another folder "
+                    f"(--trainer.logger.init_args.save_dir=...)."
+                )
+
+    def before_test(self) -> None:
+        self._place_checkpoints()
+
+    before_validate = before_test
+
+    def _place_checkpoints(self) -> None:
+        # '--ckpt_path last' is resolved before the callbacks' setup, so the checkpoint folder must
+        # be known up front: default to <log dir>/checkpoints.
+        for cb in self.trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None) is None and self.trainer.log_dir:
+                cb.dirpath = os.path.join(self.trainer.log_dir, "checkpoints")
+
+
+def main(args: Optional[list[str]] = None) -> RLHFCLI:
+    import rlhf_lit.rewards  # noqa: F401  (registers the reward backends' short class names)
+
+    return RLHFCLI(
+        PPOModule,
+        PromptDataModule,
+        save_config_callback=SaveRunConfig,
+        auto_configure_optimizers=False,
+        parser_kwargs={"prog": "python -m rlhf_lit"},
+        args=args,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

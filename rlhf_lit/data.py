@@ -1,0 +1,306 @@
+"""PromptDataModule: prompt JSONL in, chat-templated, left-padded batches out.
+
+A prompt file holds one JSON object per line::
+
+    {"id": "c13-000123", "prompt": "thread opener text", "split": "train", "meta": {...}}
+    {"id": "c13-000124", "messages": [{"role": "user", "content": "..."}]}
+
+``prompt`` (plain text, wrapped as the user turn after the system prompt) or ``messages`` (a
+chat, used as given; the system prompt is prepended when it has none). ``split`` is optional:
+without it the file is split by ``val_fraction``/``test_fraction`` with a seeded shuffle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a user on a social media platform. Write a new post, or a comment in response to a "
+    "thread. Only write in character."
+)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PromptRecord:
+    """One prompt as read from the file."""
+
+    id: str
+    messages: list[dict[str, str]]
+    text: str  # what the reward sees as "the prompt": the last user turn
+    split: Optional[str] = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class PromptFileError(ValueError):
+    """A prompt file that cannot be used; the message names the file and line."""
+
+
+def read_prompt_file(path: str | Path) -> list[PromptRecord]:
+    """Parse and validate a prompt JSONL file, failing on the first bad line with its number."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"prompt file {str(path)!r} does not exist (expected a JSONL file of prompts)")
+    records, seen = [], set()
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise PromptFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            records.append(_parse_record(obj, where, default_id=f"{path.stem}-{lineno}"))
+            if records[-1].id in seen:
+                raise PromptFileError(f"{where}: duplicate id {records[-1].id!r}")
+            seen.add(records[-1].id)
+    if not records:
+        raise PromptFileError(f"prompt file {str(path)!r} holds no prompts")
+    return records
+
+
+def _parse_record(obj: dict, where: str, default_id: str) -> PromptRecord:
+    split = obj.get("split")
+    if split is not None and split not in SPLITS:
+        raise PromptFileError(f"{where}: 'split' must be one of {SPLITS}, got {split!r}")
+    meta = obj.get("meta") or {}
+    if "messages" in obj:
+        msgs = obj["messages"]
+        ok = isinstance(msgs, list) and msgs and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+        )
+        if not ok:
+            raise PromptFileError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+        users = [m["content"] for m in msgs if m["role"] == "user"]
+        text = users[-1] if users else msgs[-1]["content"]
+        messages = [dict(role=m["role"], content=m["content"]) for m in msgs]
+    elif "prompt" in obj:
+        if not isinstance(obj["prompt"], str) or not obj["prompt"].strip():
+            raise PromptFileError(f"{where}: 'prompt' must be a non-empty string")
+        text = obj["prompt"]
+        messages = [{"role": "user", "content": text}]
+    else:
+        raise PromptFileError(f"{where}: expected a 'prompt' (text) or 'messages' (chat) field, found {sorted(obj)}")
+    return PromptRecord(str(obj.get("id", default_id)), messages, text, split, meta)
+
+
+class TokenizedPrompts(Dataset):
+    """Prompts already templated and tokenized (a list of dicts; small enough to hold in memory)."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+def left_pad_collate(pad_token_id: int):
+    """Collate prompts into ``input_ids``/``attention_mask`` padded on the left, so every prompt
+    ends at the same column and generation continues from there."""
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[row, width - n:] = torch.tensor(it["input_ids"])
+            mask[row, width - n:] = 1
+        return {"input_ids": ids, "attention_mask": mask, "prompt": [it["prompt"] for it in items],
+                "id": [it["id"] for it in items]}
+
+    return collate
+
+
+class PromptDataModule(LightningDataModule):
+    """Serves prompts for rollouts (train), validation and evaluation (test).
+
+    Args:
+        prompt_file: JSONL prompt file (records with ``prompt`` or ``messages``, optional ``split``).
+        val_file: Optional separate JSONL for validation prompts (overrides the split of prompt_file).
+        test_file: Optional separate JSONL for test prompts.
+        tokenizer: Tokenizer folder or Hub id; linked to ``model.policy.base_model`` by the CLI.
+        system_prompt: System turn put before each prompt that has none; None or "" for no system turn.
+        chat_template: A Jinja chat template (inline text or a file path) to use instead of the tokenizer's.
+        batch_size: Prompts per rollout (the PPO batch); must split into ``model.ppo.num_minibatches``.
+        eval_batch_size: Prompts per validation/test batch; defaults to batch_size.
+        max_prompt_tokens: Longest templated prompt in tokens.
+        long_prompts: What to do with longer prompts: "drop" them (logged with a count) or "error".
+        val_fraction: Fraction of prompts held out for validation when records carry no ``split``.
+        test_fraction: Fraction held out for testing when records carry no ``split``.
+        max_val_prompts: Cap on validation prompts (validation samples every one), None for all.
+        seed: Seed of the split and of the shuffling of training prompts.
+        shuffle: Shuffle training prompts each epoch.
+        num_workers: DataLoader workers (tokenization is done up front, so 0 is usually right).
+        trust_remote_code: Allow custom tokenizer code from the model folder (off unless you trust it).
+    """
+
+    def __init__(
+        self,
+        prompt_file: str = "prompts/demo_prompts.jsonl",
+        val_file: Optional[str] = None,
+        test_file: Optional[str] = None,
+        tokenizer: str = "builtin:demo",
+        system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT,
+        chat_template: Optional[str] = None,
+        batch_size: int = 8,
+        eval_batch_size: Optional[int] = None,
+        max_prompt_tokens: int = 256,
+        long_prompts: Literal["drop", "error"] = "drop",
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        max_val_prompts: Optional[int] = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError("data.val_fraction and data.test_fraction must be in [0, 1) and sum to less than 1")
+        self.prompt_file, self.val_file, self.test_file = prompt_file, val_file, test_file
+        self.tokenizer_name = tokenizer
+        self.system_prompt = system_prompt
+        self.chat_template = chat_template
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.max_prompt_tokens = max_prompt_tokens
+        self.long_prompts = long_prompts
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.max_val_prompts = max_val_prompts
+        self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
+        self.trust_remote_code = trust_remote_code
+        self.tokenizer = None
+        self.splits: dict[str, TokenizedPrompts] = {}
+
+    # ---------------------------------------------------------------------------------------
+    def split_records(self) -> dict[str, list[PromptRecord]]:
+        """Read the prompt file(s) and assign each record to train/val/test (no tokenizer needed)."""
+        records = read_prompt_file(self.prompt_file)
+        by_split: dict[str, list[PromptRecord]] = {s: [] for s in SPLITS}
+        if any(r.split for r in records):
+            for r in records:
+                by_split[r.split or "train"].append(r)
+        else:
+            order = list(range(len(records)))
+            random.Random(self.seed).shuffle(order)
+            n_val, n_test = round(len(records) * self.val_fraction), round(len(records) * self.test_fraction)
+            for k, i in enumerate(order):
+                by_split["val" if k < n_val else "test" if k < n_val + n_test else "train"].append(records[i])
+        if self.val_file:
+            by_split["val"] = read_prompt_file(self.val_file)
+        if self.test_file:
+            by_split["test"] = read_prompt_file(self.test_file)
+        if self.max_val_prompts is not None:
+            by_split["val"] = by_split["val"][: self.max_val_prompts]
+        return by_split
+
+    def setup(self, stage: str) -> None:
+        needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]
+        by_split = self.split_records()
+        for split in needed:
+            if split == "val" and not by_split["val"]:
+                continue  # validation is optional
+            if not by_split[split]:
+                raise PromptFileError(
+                    f"the {split!r} split of {self.prompt_file!r} is empty: give records \"split\": \"{split}\", "
+                    f"a {split}_file, or a {split}_fraction > 0"
+                )
+        if stage == "fit" and len(by_split["train"]) < self.batch_size:
+            raise PromptFileError(
+                f"{self.prompt_file!r} has {len(by_split['train'])} training prompts, fewer than "
+                f"data.batch_size={self.batch_size}: no full rollout batch can be formed"
+            )
+        self.tokenizer = self.tokenizer or self.load_tokenizer()
+        for split in needed:
+            if by_split[split]:
+                self.splits[split] = TokenizedPrompts(self._tokenize(by_split[split], split))
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        from rlhf_lit.policy import resolve_model_path
+
+        tok = AutoTokenizer.from_pretrained(
+            resolve_model_path(self.tokenizer_name), trust_remote_code=self.trust_remote_code
+        )
+        if self.chat_template:
+            p = Path(self.chat_template)
+            tok.chat_template = p.read_text(encoding="utf-8") if p.is_file() else self.chat_template
+        if tok.chat_template is None:
+            raise ValueError(f"tokenizer {self.tokenizer_name!r} has no chat template; set data.chat_template")
+        if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+            raise ValueError(
+                f"tokenizer {self.tokenizer_name!r}: PAD must exist and differ from EOS (PPO derives masks "
+                f"from them); got pad={tok.pad_token!r}, eos={tok.eos_token!r}"
+            )
+        tok.padding_side = "left"
+        return tok
+
+    def _tokenize(self, records: list[PromptRecord], split: str) -> list[dict[str, Any]]:
+        items, dropped = [], []
+        for r in records:
+            messages = r.messages
+            if self.system_prompt and not any(m["role"] == "system" for m in messages):
+                messages = [{"role": "system", "content": self.system_prompt}] + messages
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.max_prompt_tokens:
+                if self.long_prompts == "error":
+                    raise PromptFileError(
+                        f"prompt {r.id!r} ({split}) is {len(ids)} tokens, over data.max_prompt_tokens="
+                        f"{self.max_prompt_tokens}"
+                    )
+                dropped.append(r.id)
+                continue
+            items.append({"id": r.id, "prompt": r.text, "input_ids": ids})
+        if dropped:
+            log.warning("dropped %d %s prompts over %d tokens (first: %s)", len(dropped), split,
+                        self.max_prompt_tokens, dropped[:3])
+        if not items:
+            raise PromptFileError(f"every {split} prompt is over data.max_prompt_tokens={self.max_prompt_tokens}")
+        return items
+
+    # ---------------------------------------------------------------------------------------
+    def train_dataloader(self):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        # A stateful loader saves its position and shuffle state in checkpoints, so a resumed run
+        # replays exactly the remaining batches of the epoch.
+        generator = torch.Generator().manual_seed(self.seed)
+        return StatefulDataLoader(
+            self.splits["train"], batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True,
+            collate_fn=left_pad_collate(self.tokenizer.pad_token_id), num_workers=self.num_workers,
+            generator=generator,
+        )
+
+    def _eval_loader(self, split: str):
+        return DataLoader(
+            self.splits[split], batch_size=self.eval_batch_size, shuffle=False,
+            collate_fn=left_pad_collate(self.tokenizer.pad_token_id), num_workers=self.num_workers,
+        )
+
+    def val_dataloader(self):
+        return self._eval_loader("val") if "val" in self.splits else []
+
+    def test_dataloader(self):
+        return self._eval_loader("test")

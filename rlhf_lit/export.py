@@ -1,0 +1,78 @@
+"""Export the trained policy adapter as a plain PEFT LoRA folder, atomically.
+
+The folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` and loads with
+``PeftModel.from_pretrained(base, folder)``, social-sim's ``model.load_adapter(folder, name)`` and
+vLLM's LoRA support. It is written to a temporary folder beside the target and renamed into place,
+so an interrupted export never leaves a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def export_adapter(peft_model, adapter_name: str, out_dir: str | Path, base_model: Optional[str] = None,
+                   plain_lora: bool = True) -> Path:
+    """Save ``adapter_name`` of ``peft_model`` to ``out_dir``.
+
+    Args:
+        base_model: written as ``base_model_name_or_path`` (a Hub id stays portable; ``builtin:`` names
+            are resolved to the local folder).
+        plain_lora: drop ``modules_to_save`` copies (e.g. extra-vocabulary embeddings), which vLLM
+            and social-sim's loaders reject; only LoRA matrices remain.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from rlhf_lit.policy import resolve_model_path
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
+        src = tmp / adapter_name if (tmp / adapter_name / CONFIG).is_file() else tmp
+        config = json.loads((src / CONFIG).read_text())
+        if base_model is not None:
+            config["base_model_name_or_path"] = resolve_model_path(base_model)
+        config["inference_mode"] = True
+        if plain_lora:
+            tensors = load_file(src / WEIGHTS)
+            dropped = [k for k in tensors if "lora_" not in k]
+            if dropped:
+                log.warning("exporting plain LoRA: dropped %d non-LoRA tensors (e.g. %s)", len(dropped), dropped[0])
+                save_file({k: v for k, v in tensors.items() if "lora_" in k}, src / WEIGHTS, metadata={"format": "pt"})
+            config["modules_to_save"] = None
+        (src / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        final = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
+        for name in (CONFIG, WEIGHTS):
+            shutil.copy2(src / name, final / name)
+        _swap_into_place(final, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _swap_into_place(new: Path, target: Path) -> None:
+    """Replace ``target`` by ``new`` with renames only: at every moment ``target`` is either the old
+    complete adapter or the new complete one."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{new.name.rsplit('-', 1)[-1]}")
+        target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        if old is not None:
+            old.rename(target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

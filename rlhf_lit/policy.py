@@ -1,0 +1,279 @@
+"""One base model, three roles: the trainable policy, the frozen reference, and the critic.
+
+Only this file knows how adapters are attached and switched:
+
+- With an SFT adapter (our case), it is loaded twice on the same base weights: ``reference``
+  (frozen) and ``policy`` (trainable, initialised from it). The reference log-probs come from
+  switching the active adapter, so there is never a second copy of the base model.
+- Without one, a fresh LoRA is the policy and the reference is the base with adapters disabled.
+- The critic is a value head on the policy's last hidden states: one forward gives log-probs and
+  values (the cheapest critic; its gradients also shape the policy LoRA, scaled by ``vf_coef``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from rlhf_lit import ppo
+
+log = logging.getLogger(__name__)
+
+POLICY, REFERENCE = "policy", "reference"
+BUILTIN_PREFIX = "builtin:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class PolicyConfig:
+    """Which model and adapter to train, and how to load them."""
+
+    base_model: str = "builtin:demo"
+    """Base model: a Hub id (``Qwen/Qwen2.5-7B-Instruct``), a local folder, or ``builtin:demo`` (the
+    tiny offline model built on first use)."""
+    sft_adapter: Optional[str] = "builtin:demo-sft"
+    """SFT LoRA adapter folder (PEFT format) used as frozen reference and as the policy's start;
+    None trains a fresh LoRA against the bare base."""
+    quantization: Literal["none", "nf4"] = "none"
+    """``nf4``: 4-bit NormalFloat base weights with double quantization and bf16 compute
+    (bitsandbytes, CUDA only); ``none``: weights in ``dtype``."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Base weight dtype; ``auto`` is bfloat16 on a GPU and float32 on the CPU."""
+    lora_r: int = 16
+    """Rank of a fresh LoRA (used only without sft_adapter)."""
+    lora_alpha: int = 16
+    """Scaling numerator of a fresh LoRA."""
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Modules a fresh LoRA wraps."""
+    train_extra_modules: bool = False
+    """Train an SFT adapter's ``modules_to_save`` (e.g. extra-vocabulary embeddings) too; frozen by default."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (non-reentrant): slower, much less memory. On for 7B."""
+    attn_implementation: Optional[str] = "sdpa"
+    """transformers attention kernel: ``sdpa``, ``flash_attention_2`` (when installed) or ``eager``."""
+    value_head_init_std: float = 0.0
+    """Std of the value head's initial weights; 0 starts the critic at V = 0 (OpenAI 2019)."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust the source."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of the base model."""
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``builtin:demo`` / ``builtin:demo-sft`` to the cached tiny assets; anything else unchanged."""
+    if not name.startswith(BUILTIN_PREFIX):
+        return name
+    from rlhf_lit.demo_assets import ensure_demo_assets
+
+    which = name[len(BUILTIN_PREFIX):]
+    if which not in ("demo", "demo-sft"):
+        raise ValueError(f"unknown built-in model {name!r}; expected 'builtin:demo' or 'builtin:demo-sft'")
+    assets = ensure_demo_assets()
+    return str(assets.base_dir if which == "demo" else assets.sft_adapter_dir)
+
+
+def check_adapter_path(name: Optional[str]) -> None:
+    """Fail early, before any model loads, for an adapter folder that does not exist."""
+    if name is None or name.startswith(BUILTIN_PREFIX):
+        return
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"model.policy.sft_adapter={name!r} has no adapter_config.json (expected a PEFT adapter folder)")
+    elif not _HUB_ID.match(name) or name.startswith("."):
+        raise FileNotFoundError(f"model.policy.sft_adapter={name!r}: no such folder (expected a PEFT adapter folder)")
+
+
+class ResponseOutput(NamedTuple):
+    """Per-token outputs of a forward pass over prompt + response.
+
+    Attributes:
+        logprobs: ``(B, R)`` float32 log-probs of the response tokens at the sampling temperature.
+        values: ``(B, R)`` float32 critic values, or None when not asked.
+        entropy: ``(B, R)`` float32 entropies, or None when not asked.
+    """
+
+    logprobs: Tensor
+    values: Optional[Tensor]
+    entropy: Optional[Tensor]
+
+
+class PolicyModel(nn.Module):
+    """The PEFT-wrapped causal LM plus the value head, with adapter-role switching."""
+
+    def __init__(self, config: PolicyConfig, device: torch.device) -> None:
+        super().__init__()
+        self.config = config
+        self.peft = _load_peft_model(config, device)
+        self.has_reference_adapter = config.sft_adapter is not None
+        hidden = self.peft.get_base_model().config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
+        nn.init.normal_(self.value_head.weight, std=config.value_head_init_std)
+        nn.init.zeros_(self.value_head.bias)
+        _disable_dropout(self.peft)
+        self._trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+
+    # ---------------------------------------------------------------------------------------
+    @staticmethod
+    def is_trainable_key(key: str) -> bool:
+        """Whether a state-dict key (relative to this module) belongs to the trained weights.
+
+        By name, not ``requires_grad``: peft flips that flag whenever the active adapter changes.
+        """
+        return key.startswith("value_head.") or re.search(rf"\.(lora_\w+|modules_to_save)\.{POLICY}\.", key) is not None
+
+    def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, p in self.named_parameters():
+            if name in self._trainable:
+                yield name, p
+
+    @contextlib.contextmanager
+    def role(self, role: str) -> Iterator[None]:
+        """Run the block with the ``policy`` or ``reference`` weights active."""
+        if role == POLICY:
+            yield
+            return
+        if role != REFERENCE:
+            raise ValueError(f"unknown role {role!r}")
+        if not self.has_reference_adapter:
+            with self.peft.disable_adapter():
+                yield
+            return
+        flags = {n: p.requires_grad for n, p in self.named_parameters()}
+        self.peft.set_adapter(REFERENCE)
+        try:
+            yield
+        finally:
+            self.peft.set_adapter(POLICY)
+            for n, p in self.named_parameters():
+                p.requires_grad_(flags[n])
+
+    # ---------------------------------------------------------------------------------------
+    def forward(
+        self,
+        query_ids: Tensor,
+        query_mask: Tensor,
+        response_ids: Tensor,
+        response_mask: Tensor,
+        temperature: float,
+        values: bool = True,
+        entropy: bool = False,
+    ) -> ResponseOutput:
+        """Log-probs (and values, entropy) of ``response_ids`` given the left-padded prompts.
+
+        The decoder runs over prompt + response; the LM head runs only on the R positions that
+        predict response tokens (``h[P-1 : P+R-1]``), never on the prompt, so full-vocabulary
+        logits exist only for ``B x R`` positions of this (micro-)batch.
+        """
+        hf = self.peft.get_base_model()
+        input_ids = torch.cat([query_ids, response_ids], dim=1)
+        attention_mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], dim=1)
+        # Left padding: positions count real tokens only, as during generation.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = hf.get_decoder()(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        P, R = query_ids.shape[1], response_ids.shape[1]
+        h = hidden[:, P - 1 : P + R - 1]
+        logits = hf.get_output_embeddings()(h)
+        out_logprobs = ppo.logprobs_from_logits(logits, response_ids, temperature)
+        out_entropy = ppo.entropy_from_logits(logits, temperature) if entropy else None
+        out_values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float() if values else None
+        return ResponseOutput(out_logprobs, out_values, out_entropy)
+
+
+# -------------------------------------------------------------------------------------------
+def _torch_dtype(config: PolicyConfig, device: torch.device) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, config.dtype)
+
+
+def _load_base(config: PolicyConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(config.base_model)
+    kwargs = dict(
+        dtype=_torch_dtype(config, device),
+        trust_remote_code=config.trust_remote_code,
+        revision=config.revision,
+    )
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    if config.quantization == "nf4":
+        if device.type != "cuda":
+            raise ValueError("model.policy.quantization=nf4 needs a CUDA GPU (bitsandbytes); use 'none' on the CPU")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        # Quantized weights are placed at load time; Lightning must not move them afterwards.
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise OSError(
+            f"model.policy.base_model={config.base_model!r}: could not load it as a local folder or Hub id "
+            f"(offline machines need a local folder): {e}"
+        ) from e
+    if config.quantization == "none":
+        model.to(device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = True
+    return model
+
+
+def _load_peft_model(config: PolicyConfig, device: torch.device):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    check_adapter_path(config.sft_adapter)
+    base = _load_base(config, device)
+    if config.sft_adapter is None:
+        lora = LoraConfig(
+            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+            target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM",
+        )
+        return get_peft_model(base, lora, adapter_name=POLICY)
+    path = resolve_model_path(config.sft_adapter)
+    try:
+        model = PeftModel.from_pretrained(base, path, adapter_name=REFERENCE, is_trainable=False)
+        model.load_adapter(path, adapter_name=POLICY, is_trainable=True)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"model.policy.sft_adapter={config.sft_adapter!r} could not be loaded on "
+                      f"{config.base_model!r}: {e}") from e
+    model.set_adapter(POLICY)
+    for name, p in model.named_parameters():
+        is_policy = f".{POLICY}." in name
+        is_extra = "modules_to_save" in name
+        p.requires_grad_(is_policy and (not is_extra or config.train_extra_modules))
+    if model.device.type != device.type and config.quantization == "none":
+        model.to(device)
+    return model
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere (N+ detail): with it, the KL and the PPO ratio are noise.
+
+    Covers ``nn.Dropout`` modules (LoRA dropout included) and attention modules that read a float
+    ``attention_dropout`` attribute in training mode (Qwen2, Llama, ...).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0

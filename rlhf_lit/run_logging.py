@@ -1,0 +1,64 @@
+"""What a run writes beside TensorBoard's scalars: ``metrics.jsonl`` (one line per rollout, the
+plan's "local JSON") and sample text (TensorBoard text + ``samples.jsonl``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+
+class RunLog:
+    """Writes into the trainer's log folder, on rank 0 only."""
+
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.dir: Optional[Path] = Path(trainer.log_dir) if trainer.log_dir and trainer.is_global_zero else None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        if self.dir is None:
+            return
+        with (self.dir / name).open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def append_metrics(self, rollout: int, metrics: dict[str, float]) -> None:
+        clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+        self._append("metrics.jsonl", {"rollout": rollout, "step": self.trainer.global_step, **clean})
+
+    def samples(self, rollout: int, prompts: Sequence[str], responses: Sequence[str],
+                scores: Sequence[float], n: int) -> None:
+        rows = list(zip(prompts, responses, scores))[:n]
+        for p, r, s in rows:
+            self._append("samples.jsonl", {"rollout": rollout, "prompt": p, "response": r, "score": s})
+        tb = _tensorboard(self.trainer)
+        if tb is not None and self.dir is not None:
+            table = "| prompt | response | score |\n|---|---|---|\n" + "\n".join(
+                f"| {_cell(p)} | {_cell(r)} | {s:.3f} |" for p, r, s in rows
+            )
+            tb.add_text("samples", table, global_step=rollout)
+
+    def write_test_samples(self, rows: list[dict[str, Any]]) -> None:
+        if self.dir is None:
+            return
+        path = self.dir / "test_samples.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:300]
+
+
+def _tensorboard(trainer):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, TensorBoardLogger):
+            return lg.experiment
+    return None

@@ -1,0 +1,209 @@
+"""The used-by path end to end on the tiny demo model: fit, TensorBoard, checkpoints, resume,
+adapter export, test, and the bad-input errors."""
+
+import json
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.yaml")
+
+
+def run_cli(*args: str):
+    from rlhf_lit.cli import main
+
+    with mock.patch.object(sys, "argv", ["python -m rlhf_lit"]):
+        return main(list(args))
+
+
+def fast_args(run_dir: Path, *extra: str) -> list[str]:
+    """The demo config shrunk to seconds: 8 prompts per rollout, 12 new tokens."""
+    return [
+        "--config", DEMO,
+        f"--trainer.logger.init_args.save_dir={run_dir}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.limit_val_batches=1",
+        "--trainer.limit_test_batches=1",
+        "--data.batch_size=8",
+        f"--data.prompt_file={ROOT / 'prompts' / 'demo_prompts.jsonl'}",
+        "--model.ppo.ppo_epochs=2",
+        "--model.sampling.max_new_tokens=12",
+        *extra,
+    ]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One short fit shared by the tests that inspect its outputs."""
+    run_dir = tmp_path_factory.mktemp("run")
+    cli = run_cli("fit", *fast_args(run_dir, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3"))
+    return run_dir, cli
+
+
+def test_help_names_the_module(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli("--help")
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: python -m rlhf_lit" in out and "__main__" not in out
+
+
+def test_print_config_loads_no_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RLHF_LIT_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--config", DEMO, "--print_config")
+    out = capsys.readouterr().out
+    assert "base_model: builtin:demo" in out and "class_path: rlhf_lit.rewards.Profanity" in out
+    assert not (tmp_path / "empty-cache").exists()  # nothing was built or loaded
+
+
+def test_fit_writes_logs_checkpoints_and_adapter(trained_run):
+    run_dir, cli = trained_run
+    metrics = read_metrics(run_dir)
+    assert [m["rollout"] for m in metrics] == [1, 2, 3]
+    for key in ("objective/kl", "objective/scores", "objective/entropy", "objective/rlhf_reward",
+                "objective/non_score_reward", "policy/approxkl_avg", "policy/clipfrac_avg",
+                "loss/policy_avg", "loss/value_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens",
+                "lr", "episode", "response/length_mean", "perf/tokens_per_sec", "policy/grad_norm"):
+        assert all(m[key] is not None for m in metrics), key
+    assert all(m["val/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-4) for m in metrics)
+
+    events = list(run_dir.glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    assert "objective/scores" in acc.Tags()["scalars"]
+    assert len(acc.Scalars("objective/scores")) == 3
+    assert "samples/text_summary" in acc.Tags()["tensors"]
+
+    assert (run_dir / "config.yaml").is_file()
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    size_mb = ckpt.stat().st_size / 2**20
+    assert size_mb < 20, f"checkpoint is {size_mb:.1f} MB: it must hold only the trained weights"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["state_dict"] and all(("lora_" in k and ".policy." in k) or "value_head" in k for k in state["state_dict"])
+    assert {"kl_coef", "rng", "rollouts_done"} <= set(state["rlhf_lit"])
+
+
+def test_exported_adapter_reproduces_policy_logprobs(trained_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run_dir, cli = trained_run
+    module = cli.model
+    adapter = run_dir / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, adapter).eval()
+
+    batch = next(iter(cli.datamodule.test_dataloader()))
+    trunc, _ = module.sample(batch, module.eval_sampling)
+    with torch.no_grad():
+        expected = module.model(batch["input_ids"], batch["attention_mask"], trunc.response_ids,
+                                trunc.response_mask, module.sampling.temperature, values=False).logprobs
+        ids = torch.cat([batch["input_ids"], trunc.response_ids], 1)
+        mask = torch.cat([batch["attention_mask"], trunc.response_mask.long()], 1)
+        logits = loaded(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        P, R = batch["input_ids"].shape[1], trunc.response_ids.shape[1]
+        got = torch.log_softmax(logits[:, P - 1:P + R - 1].float() / module.sampling.temperature, -1)
+        got = got.gather(-1, trunc.response_ids.unsqueeze(-1)).squeeze(-1)
+    m = trunc.response_mask
+    torch.testing.assert_close(got[m], expected[m], atol=1e-4, rtol=1e-4)
+
+
+def test_test_subcommand_compares_rlhf_and_sft(trained_run):
+    run_dir, _ = trained_run
+    cli = run_cli("test", *fast_args(run_dir), "--ckpt_path=last")
+    metrics = cli.trainer.callback_metrics
+    for key in ("test/score_rlhf", "test/score_sft", "test/kl_rlhf", "test/win_rate"):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    assert float(metrics["test/kl_sft"]) == pytest.approx(0.0, abs=1e-5)  # the reference vs itself
+    assert list(run_dir.glob("config.test*.yaml")), "the test run's config was not saved beside the first"
+    rows = [json.loads(x) for x in (run_dir / "test_samples.jsonl").read_text().splitlines()]
+    assert rows and {"prompt", "rlhf_texts", "sft_texts", "rlhf_scores", "sft_scores"} <= set(rows[0])
+
+
+def test_fresh_fit_refuses_to_overwrite_a_run(trained_run):
+    run_dir, _ = trained_run
+    with pytest.raises(SystemExit, match="--ckpt_path last"):
+        run_cli("fit", *fast_args(run_dir, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"))
+
+
+def test_resume_mid_epoch_matches_a_straight_run(tmp_path):
+    """4 rollouts straight vs 2 + resume + 2: same adapter weights and the same metrics."""
+    common = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=0",
+              "--trainer.callbacks.init_args.every_n_rollouts=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    a = run_cli("fit", *fast_args(straight, *common))
+    # global_step counts optimizer steps: ppo_epochs (2) x num_minibatches (2) = 4 per rollout
+    run_cli("fit", *fast_args(resumed, *common, "--trainer.max_steps=8"))
+    assert len(read_metrics(resumed)) == 2
+    b = run_cli("fit", *fast_args(resumed, *common), "--ckpt_path=last")
+
+    wa = {k: v for k, v in a.model.model.state_dict().items() if "lora_" in k and ".policy." in k}
+    wb = {k: v for k, v in b.model.model.state_dict().items() if "lora_" in k and ".policy." in k}
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    ma, mb = read_metrics(straight), read_metrics(resumed)
+    assert [m["rollout"] for m in mb] == [1, 2, 3, 4]
+    for x, y in zip(ma, mb):
+        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+    assert list(resumed.glob("config.fit*.yaml")), "the resumed run's config was not saved"
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear errors, before any model is loaded where possible
+# ---------------------------------------------------------------------------------------------
+def _fit_error(tmp_path, *extra: str) -> str:
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError)) as e:
+        run_cli("fit", *fast_args(tmp_path / "run", "--trainer.max_epochs=1", *extra))
+    return str(e.value)
+
+
+def test_missing_prompt_file(tmp_path):
+    msg = _fit_error(tmp_path, f"--data.prompt_file={tmp_path / 'nope.jsonl'}")
+    assert "nope.jsonl" in msg and "does not exist" in msg
+
+
+def test_malformed_prompt_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": oops}\n')
+    msg = _fit_error(tmp_path, f"--data.prompt_file={bad}")
+    assert f"{bad}:2" in msg and "not valid JSON" in msg
+
+
+def test_empty_split(tmp_path):
+    only_train = tmp_path / "train_only.jsonl"
+    only_train.write_text("".join(json.dumps({"prompt": f"p{i}", "split": "train"}) + "\n" for i in range(8)))
+    with pytest.raises(ValueError, match="'test' split .* is empty"):
+        run_cli("test", *fast_args(tmp_path / "run"), f"--data.prompt_file={only_train}")
+
+
+def test_unknown_reward_backend(tmp_path, capsys):
+    _fit_error(tmp_path, "--model.reward=rlhf_lit.rewards.NoSuchReward")
+    err = capsys.readouterr().err
+    assert 'Parser key "model.reward"' in err and "has no attribute 'NoSuchReward'" in err
+
+
+def test_missing_adapter_folder(tmp_path):
+    msg = _fit_error(tmp_path, f"--model.policy.sft_adapter={tmp_path / 'missing-adapter'}")
+    assert "missing-adapter" in msg and "no such folder" in msg
+
+
+def test_batch_size_must_divide(tmp_path):
+    msg = _fit_error(tmp_path, "--data.batch_size=6", "--model.ppo.num_minibatches=4")
+    assert "data.batch_size=6" in msg and "num_minibatches=4" in msg
