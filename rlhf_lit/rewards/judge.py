@@ -1,0 +1,618 @@
+"""LLM judges of engagement: an OpenAI-compatible HTTP server (:class:`LLMJudge`) or a local causal LM
+(:class:`LocalJudge`, in ``local_judge.py``).
+
+Both fill the same prompt template with the (prompt, response) pair. Two ways to turn the judge's
+answer into a scalar:
+
+* ``parse``: the judge answers JSON ``{"replies": int, "likes": int}``;
+  score = ``w_replies * log1p(replies) + w_likes * log1p(likes)``.
+* ``logprobs`` (G-Eval, Liu et al. 2023): the judge answers a bucket 1..K; score = ``sum_k p(k) * k``
+  with ``p`` the probabilities of the digit tokens, renormalised over the digits found.
+
+Caution: optimising posts against a simulated LLM audience raised engagement a little and
+disinformation a lot (arXiv 2510.06105). Log samples so you see what is being rewarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import math
+import os
+import random
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+from .base import RewardBackend, RewardOutput
+
+log = logging.getLogger(__name__)
+
+#: Default system message of the judges.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an expert on social media. You predict how the users of a platform like Bluesky will "
+    "react to a post or comment. Answer exactly in the requested format."
+)
+
+#: Default template of ``mode: parse``. Placeholders: ``{prompt}``, ``{response}``, ``{num_buckets}``
+#: (plain text replacement: other braces, as in JSON examples, need no escaping).
+DEFAULT_PARSE_TEMPLATE = (
+    "Here is the context a user was writing in (the thread so far, or the instruction for a new post):\n"
+    "<context>\n{prompt}\n</context>\n\n"
+    "Here is what the user wrote:\n<post>\n{response}\n</post>\n\n"
+    "Predict how many replies and how many likes this post or comment will get within a day. "
+    'Answer with only a JSON object of the form {"replies": <integer>, "likes": <integer>}.'
+)
+
+#: Default template of ``mode: logprobs`` (and of :class:`LocalJudge`).
+DEFAULT_BUCKET_TEMPLATE = (
+    "Here is the context a user was writing in (the thread so far, or the instruction for a new post):\n"
+    "<context>\n{prompt}\n</context>\n\n"
+    "Here is what the user wrote:\n<post>\n{response}\n</post>\n\n"
+    "How much engagement (replies and likes) will this post or comment get? Rate it on a scale from 1 "
+    "(almost none) to {num_buckets} (far more than a typical post). Answer with a single digit from 1 to "
+    "{num_buckets} and nothing else."
+)
+
+
+class JudgeError(RuntimeError):
+    """A judge could not score a sample (after retries, where retrying made sense)."""
+
+
+def render_template(template: str, prompt: str, response: str, num_buckets: int) -> str:
+    """Fill ``{prompt}``, ``{response}`` and ``{num_buckets}`` in ``template`` (plain replacement, done
+    in one pass so that braces inside the texts are left alone)."""
+    values = {"{prompt}": prompt, "{response}": response, "{num_buckets}": str(num_buckets)}
+    return re.sub(r"\{prompt\}|\{response\}|\{num_buckets\}", lambda m: values[m.group(0)], template)
+
+
+def check_template(template: str, owner: str) -> None:
+    if "{response}" not in template:
+        raise ValueError(f"{owner}: prompt_template must contain the placeholder {{response}} (and usually {{prompt}})")
+
+
+def _as_count(v: Any) -> Optional[float]:
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, str):
+        v = v.strip().replace(",", "").replace("_", "")
+        try:
+            v = float(v)
+        except ValueError:
+            return None
+    if isinstance(v, (int, float)) and math.isfinite(v) and v >= 0:
+        return float(v)
+    return None
+
+
+def parse_engagement(text: str) -> tuple[float, float]:
+    """``(replies, likes)`` from a judge's answer: the first JSON object holding both keys, found in the
+    whole text, inside code fences, or amid extra prose. Counts must be non-negative numbers.
+
+    Raises:
+        ValueError: no such object, with the reason.
+    """
+    candidates: list[Any] = []
+    try:
+        candidates.append(json.loads(text.strip()))
+    except ValueError:
+        pass
+    dec = json.JSONDecoder()
+    for m in re.finditer(r"\{", text):
+        try:
+            candidates.append(dec.raw_decode(text, m.start())[0])
+        except ValueError:
+            continue
+    seen_bad = None
+    for obj in candidates:
+        if not isinstance(obj, dict):
+            continue
+        low = {str(k).strip().lower(): v for k, v in obj.items()}
+        if "replies" in low and "likes" in low:
+            r, l = _as_count(low["replies"]), _as_count(low["likes"])
+            if r is not None and l is not None:
+                return r, l
+            seen_bad = obj
+    if seen_bad is not None:
+        raise ValueError(f"'replies' and 'likes' must be non-negative numbers, got {seen_bad}")
+    raise ValueError('no JSON object with "replies" and "likes" in the answer')
+
+
+def bucket_expectation(probs: dict[int, float]) -> tuple[float, dict[int, float]]:
+    """``(sum_k p(k) * k, p)`` with ``p`` renormalised over the buckets present."""
+    total = sum(probs.values())
+    if not probs or not total > 0:
+        raise ValueError("no probability on any bucket digit")
+    p = {k: v / total for k, v in sorted(probs.items())}
+    return sum(k * v for k, v in p.items()), p
+
+
+def bucket_probs_from_logprobs(choice: dict, num_buckets: int) -> dict[int, float]:
+    """Bucket probabilities from an OpenAI chat ``choices[i]`` with ``logprobs.content[*].top_logprobs``.
+
+    Uses the first answer position whose sampled token is a digit 1..K (else the first position with a
+    digit among its candidates); sums the probability of tokens equal to each digit up to whitespace."""
+    lp = choice.get("logprobs") or {}
+    content = lp.get("content") if isinstance(lp, dict) else None
+    if not content:
+        raise ValueError("the answer has no logprobs (does the server support logprobs/top_logprobs?)")
+    valid = {str(k): k for k in range(1, num_buckets + 1)}
+
+    def position_probs(pos: dict) -> dict[int, float]:
+        cands: dict[str, float] = {}
+        for c in pos.get("top_logprobs") or []:
+            if isinstance(c, dict) and "token" in c and "logprob" in c:
+                cands[str(c["token"])] = float(c["logprob"])
+        if "token" in pos and "logprob" in pos:
+            cands.setdefault(str(pos["token"]), float(pos["logprob"]))
+        out: dict[int, float] = {}
+        for tok, lpv in cands.items():
+            k = valid.get(tok.strip())
+            if k is not None and math.isfinite(lpv):
+                out[k] = out.get(k, 0.0) + math.exp(lpv)
+        return out
+
+    for pos in content:
+        if isinstance(pos, dict) and str(pos.get("token", "")).strip() in valid:
+            return position_probs(pos)
+    for pos in content:
+        if isinstance(pos, dict):
+            probs = position_probs(pos)
+            if probs:
+                return probs
+    raise ValueError(f"no digit 1..{num_buckets} among the answer's tokens or their top_logprobs")
+
+
+class _Failure(Exception):
+    def __init__(
+        self,
+        message: str,
+        status: Optional[int] = None,
+        retryable: bool = False,
+        retry_after: Optional[float] = None,
+        timeout: bool = False,
+    ):
+        super().__init__(message)
+        self.timeout = timeout
+        self.status = status
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # Following a redirect would re-send the Authorization header to wherever it points.
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        raise _Failure(f"the server redirected (HTTP {code}) to {newurl}; set base_url to the final address", status=code)
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class LLMJudge(RewardBackend):
+    """Engagement predicted by an LLM behind an OpenAI-compatible ``POST {base_url}/chat/completions``
+    (vLLM, llama.cpp server, Ollama, hosted APIs).
+
+    ``mode: parse`` asks for ``{"replies": int, "likes": int}`` and scores
+    ``w_replies * log1p(replies) + w_likes * log1p(likes)``; ``mode: logprobs`` asks for a bucket 1..K
+    with ``logprobs: true`` and scores ``sum_k p(k) * k`` (G-Eval). Requests run in a thread pool
+    (``concurrency``), are retried with exponential backoff and jitter on timeouts, connection errors,
+    HTTP 408/429 and 5xx (never on other 4xx), and answers are cached per (prompt, response) and judge
+    settings (model, mode, template, sampling), optionally in a JSONL file that persists across runs.
+    Metrics per call: ``judge/failures``, ``judge/retries``, ``judge/latency_s`` (mean over the HTTP
+    requests made; absent when all answers came from the cache), ``judge/cache_hits``. Components:
+    ``<name>`` (the raw score) and, in parse mode, ``<name>/replies`` and ``<name>/likes``; entries of
+    invalid samples are NaN.
+
+    The API key is read from the environment variable named by ``api_key_env`` at each request and is
+    never stored on the object, logged or put in error messages; redirects are refused so the key is
+    never re-sent elsewhere.
+
+    Args:
+        model: Model name the server expects in the request (vLLM: the served model name).
+        base_url: Server address up to the API version, e.g. ``http://127.0.0.1:8000/v1``;
+            ``/chat/completions`` is appended.
+        mode: ``parse`` (JSON replies/likes answer) or ``logprobs`` (G-Eval bucket expectation).
+        prompt_template: User message with ``{prompt}``, ``{response}`` and ``{num_buckets}``
+            placeholders (plain replacement: JSON braces need no escaping). None uses the default
+            template of the mode (``DEFAULT_PARSE_TEMPLATE`` / ``DEFAULT_BUCKET_TEMPLATE``).
+        system_prompt: System message; None uses ``DEFAULT_SYSTEM_PROMPT``, an empty string sends none.
+        num_buckets: K, the number of buckets in logprobs mode (2..9, one digit each).
+        w_replies: Weight of ``log1p(replies)`` in parse mode.
+        w_likes: Weight of ``log1p(likes)`` in parse mode.
+        api_key_env: Name of the environment variable holding the API key (sent as
+            ``Authorization: Bearer ...``); None sends no key. The key itself is never stored.
+        temperature: Sampling temperature of the judge.
+        max_tokens: Answer length limit; None uses 64 in parse mode and 1 in logprobs mode.
+        top_logprobs: Number of top alternatives requested per token in logprobs mode.
+        response_format: ``json_object`` asks the server for JSON output (parse mode); ``none`` sends
+            no response_format.
+        extra_body: Extra fields merged into the request body, e.g.
+            ``{chat_template_kwargs: {enable_thinking: false}}`` for vLLM.
+        concurrency: Maximum number of requests in flight.
+        timeout_s: Socket timeout of one request in seconds (connect, and each read).
+        max_retries: Retries after the first attempt on retryable errors.
+        backoff_s: First retry delay in seconds; doubles each retry, with jitter.
+        backoff_max_s: Upper bound of one retry delay (also caps a server's Retry-After).
+        cache: Keep answers in memory per (prompt, response) and reuse them.
+        cache_path: JSONL file that persists the cache across runs (read at first use, appended to).
+            Needs ``cache: true``.
+        on_failure: ``raise`` stops with an error naming the URL, the HTTP status and the last error
+            after retries; ``skip`` marks the sample invalid (left out of the PPO update) and counts it
+            in ``judge/failures``.
+        scale: Multiplies the raw score (use -1 to minimise a score instead).
+        shift: Added after scaling.
+        clip_min: Lower bound after scale and shift; None for no bound.
+        clip_max: Upper bound after scale and shift; None for no bound.
+        name: Name used for ``reward/<name>`` metrics; defaults to ``judge``.
+    """
+
+    default_name = "judge"
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str = "http://127.0.0.1:8000/v1",
+        mode: Literal["parse", "logprobs"] = "parse",
+        prompt_template: Optional[str] = None,
+        system_prompt: Optional[str] = None,
+        num_buckets: int = 5,
+        w_replies: float = 1.0,
+        w_likes: float = 1.0,
+        api_key_env: Optional[str] = None,
+        temperature: float = 0.0,
+        max_tokens: Optional[int] = None,
+        top_logprobs: int = 20,
+        response_format: Literal["none", "json_object"] = "none",
+        extra_body: Optional[dict] = None,
+        concurrency: int = 8,
+        timeout_s: float = 60.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        backoff_max_s: float = 20.0,
+        cache: bool = True,
+        cache_path: Optional[str] = None,
+        on_failure: Literal["raise", "skip"] = "raise",
+        scale: float = 1.0,
+        shift: float = 0.0,
+        clip_min: Optional[float] = None,
+        clip_max: Optional[float] = None,
+        name: Optional[str] = None,
+    ) -> None:
+        super().__init__(scale=scale, shift=shift, clip_min=clip_min, clip_max=clip_max, name=name)
+        who = f"LLMJudge {self.name!r}"
+        if mode not in ("parse", "logprobs"):
+            raise ValueError(f"{who}: mode must be 'parse' or 'logprobs', got {mode!r}")
+        if on_failure not in ("raise", "skip"):
+            raise ValueError(f"{who}: on_failure must be 'raise' or 'skip', got {on_failure!r}")
+        if response_format not in ("none", "json_object"):
+            raise ValueError(f"{who}: response_format must be 'none' or 'json_object', got {response_format!r}")
+        if not str(base_url).startswith(("http://", "https://")):
+            raise ValueError(f"{who}: base_url must start with http:// or https://, got {base_url!r}")
+        if not 2 <= int(num_buckets) <= 9:
+            raise ValueError(f"{who}: num_buckets must be in 2..9 (one digit per bucket), got {num_buckets}")
+        if int(concurrency) < 1 or int(max_retries) < 0 or float(timeout_s) <= 0:
+            raise ValueError(
+                f"{who}: need concurrency >= 1, max_retries >= 0 and timeout_s > 0, got "
+                f"{concurrency}, {max_retries}, {timeout_s}"
+            )
+        if cache_path is not None and not cache:
+            raise ValueError(f"{who}: cache_path={cache_path!r} needs cache: true")
+        if api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
+            raise ValueError(
+                f"{who}: api_key_env must be the NAME of an environment variable (like OPENAI_API_KEY), "
+                f"not the key itself"
+            )
+        self.model = model
+        self.base_url = str(base_url).rstrip("/")
+        self.mode = mode
+        self.prompt_template = prompt_template
+        self.system_prompt = system_prompt
+        self.num_buckets = int(num_buckets)
+        self.w_replies = float(w_replies)
+        self.w_likes = float(w_likes)
+        self.api_key_env = api_key_env
+        self.temperature = float(temperature)
+        self.max_tokens = max_tokens
+        self.top_logprobs = int(top_logprobs)
+        self.response_format = response_format
+        self.extra_body = dict(extra_body or {})
+        self.concurrency = int(concurrency)
+        self.timeout_s = float(timeout_s)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.backoff_max_s = float(backoff_max_s)
+        self.cache = bool(cache)
+        self.cache_path = cache_path
+        self.on_failure = on_failure
+        check_template(self.template, who)
+        self._init_runtime()
+
+    # ------------------------------------------------------------------ config helpers
+    @property
+    def url(self) -> str:
+        return self.base_url + "/chat/completions"
+
+    @property
+    def template(self) -> str:
+        if self.prompt_template is not None:
+            return self.prompt_template
+        return DEFAULT_PARSE_TEMPLATE if self.mode == "parse" else DEFAULT_BUCKET_TEMPLATE
+
+    @property
+    def system(self) -> str:
+        return DEFAULT_SYSTEM_PROMPT if self.system_prompt is None else self.system_prompt
+
+    def _init_runtime(self) -> None:
+        # Runtime state, rebuilt after unpickling (locks and openers do not pickle).
+        self._lock = threading.Lock()
+        self._memory: dict[str, dict] = {}
+        self._cache_loaded = False
+        self._opener = urllib.request.build_opener(_NoRedirect)
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_memory", "_cache_loaded", "_opener")}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def __repr__(self) -> str:
+        return (
+            f"LLMJudge(name={self.name!r}, model={self.model!r}, url={self.url!r}, mode={self.mode!r}, "
+            f"api_key_env={self.api_key_env!r}, on_failure={self.on_failure!r})"
+        )
+
+    def request_body(self, prompt: str, response: str) -> dict:
+        """The chat-completions request body for one (prompt, response) pair."""
+        messages = []
+        if self.system:
+            messages.append({"role": "system", "content": self.system})
+        messages.append({"role": "user", "content": render_template(self.template, prompt, response, self.num_buckets)})
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens if self.max_tokens is not None else (64 if self.mode == "parse" else 1),
+        }
+        if self.mode == "logprobs":
+            body["logprobs"] = True
+            body["top_logprobs"] = self.top_logprobs
+        if self.response_format == "json_object":
+            body["response_format"] = {"type": "json_object"}
+        body.update(self.extra_body)
+        return body
+
+    def _cache_key(self, prompt: str, response: str) -> str:
+        fingerprint = [
+            self.model, self.mode, self.template, self.system, self.num_buckets, self.temperature,
+            self.max_tokens, self.top_logprobs, self.response_format, self.extra_body,
+        ]
+        blob = json.dumps([fingerprint, prompt, response], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    # ------------------------------------------------------------------ cache file
+    def _load_cache_file(self) -> None:
+        if self._cache_loaded:
+            return
+        self._cache_loaded = True
+        if not (self.cache and self.cache_path):
+            return
+        path = Path(self.cache_path).expanduser()
+        if not path.exists():
+            return
+        bad = 0
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    self._memory[rec["key"]] = rec["value"]
+                except (ValueError, KeyError, TypeError):
+                    bad += 1
+        if bad:
+            log.warning("LLMJudge %r: skipped %d unreadable lines of cache file %s", self.name, bad, path)
+
+    def _append_cache_file(self, entries: list[tuple[str, dict]]) -> None:
+        if not (self.cache and self.cache_path and entries):
+            return
+        path = Path(self.cache_path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8") as f:
+            for key, value in entries:
+                f.write(json.dumps({"key": key, "value": value}) + "\n")
+
+    # ------------------------------------------------------------------ HTTP
+    def _api_key(self) -> Optional[str]:
+        if self.api_key_env is None:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if not key:
+            raise JudgeError(
+                f"LLMJudge {self.name!r}: api_key_env is {self.api_key_env!r} but that environment variable is "
+                f"not set or empty"
+            )
+        return key
+
+    def _post(self, payload: bytes) -> dict:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = self._api_key()
+        if key:
+            headers["Authorization"] = "Bearer " + key
+        req = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
+        try:
+            with self._opener.open(req, timeout=self.timeout_s) as resp:
+                raw = resp.read()
+        except _Failure:
+            raise
+        except urllib.error.HTTPError as e:
+            try:
+                detail = e.read(300).decode("utf-8", "replace").strip()
+            except Exception:
+                detail = ""
+            retryable = e.code in (408, 429) or e.code >= 500
+            msg = f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")
+            raise _Failure(msg, e.code, retryable, _retry_after(e.headers.get("Retry-After") if e.headers else None))
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, (TimeoutError, socket.timeout)):
+                raise _Failure(f"timed out after {self.timeout_s:g} s", retryable=True, timeout=True)
+            raise _Failure(f"connection failed: {e.reason}", retryable=True)
+        except (TimeoutError, socket.timeout):
+            raise _Failure(f"timed out after {self.timeout_s:g} s", retryable=True, timeout=True)
+        except (ConnectionError, http.client.HTTPException, OSError) as e:
+            raise _Failure(f"connection failed: {type(e).__name__}: {e}", retryable=True)
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            return data
+        except ValueError:
+            snippet = raw[:200].decode("utf-8", "replace")
+            raise _Failure(f"the response body is not a JSON object: {snippet!r}", status=200)
+
+    def _interpret(self, data: dict) -> dict:
+        try:
+            choice = data["choices"][0]
+            content = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise _Failure(f"unexpected response shape (no choices[0].message): {json.dumps(data)[:200]}", status=200)
+        try:
+            if self.mode == "parse":
+                replies, likes = parse_engagement(content)
+                return {"replies": replies, "likes": likes}
+            expected, probs = bucket_expectation(bucket_probs_from_logprobs(choice, self.num_buckets))
+            return {"expected": expected, "probs": {str(k): v for k, v in probs.items()}}
+        except ValueError as e:
+            raise _Failure(f"malformed judge answer ({e}): {content[:200]!r}", status=200)
+
+    def _judge_one(self, prompt: str, response: str) -> tuple[Optional[dict], Optional[str], int, list[float]]:
+        """One sample: ``(value or None, error message or None, retries, latencies)``."""
+        payload = json.dumps(self.request_body(prompt, response)).encode("utf-8")
+        retries, latencies = 0, []
+        last: Optional[_Failure] = None
+        attempts = 0
+        for attempt in range(self.max_retries + 1):
+            attempts += 1
+            t0 = time.perf_counter()
+            try:
+                data = self._post(payload)
+                latencies.append(time.perf_counter() - t0)
+                return self._interpret(data), None, retries, latencies
+            except _Failure as e:
+                last = e
+                if not e.retryable or attempt == self.max_retries:
+                    break
+                delay = min(self.backoff_max_s, self.backoff_s * 2**attempt)
+                delay = delay / 2 + random.uniform(0, delay / 2)
+                if e.retry_after is not None:
+                    delay = max(delay, min(e.retry_after, self.backoff_max_s))
+                retries += 1
+                time.sleep(delay)
+        assert last is not None
+        status = "none (no HTTP response)" if last.status is None else str(last.status)
+        msg = (
+            f"LLMJudge {self.name!r}: POST {self.url} failed after {attempts} attempt(s); last status: {status}; "
+            f"last error: {last}"
+        )
+        if last.timeout:
+            msg += " (raise timeout_s if the judge is only slow)"
+        elif last.status is None:
+            msg += f" (is the judge server running at {self.base_url}?)"
+        return None, msg, retries, latencies
+
+    # ------------------------------------------------------------------ scoring
+    def _value_to_score(self, value: dict) -> tuple[float, dict[str, float]]:
+        if self.mode == "parse":
+            r, l = float(value["replies"]), float(value["likes"])
+            return self.w_replies * math.log1p(r) + self.w_likes * math.log1p(l), {"replies": r, "likes": l}
+        return float(value["expected"]), {}
+
+    def score(self, prompts: list[str], responses: list[str]) -> RewardOutput:
+        n = len(responses)
+        self._api_key()  # a missing key is a configuration error: say so before any request
+        with self._lock:
+            self._load_cache_file()
+        keys = [self._cache_key(p, r) for p, r in zip(prompts, responses)]
+        values: dict[str, dict] = {}
+        hits = 0
+        todo: dict[str, tuple[str, str]] = {}
+        for key, p, r in zip(keys, prompts, responses):
+            if key in values or key in todo:
+                hits += 1  # a duplicate inside the batch is asked once
+                continue
+            with self._lock:
+                cached = self._memory.get(key) if self.cache else None
+            if cached is not None:
+                values[key] = cached
+                hits += 1
+            else:
+                todo[key] = (p, r)
+
+        errors: dict[str, str] = {}
+        retries, latencies = 0, []
+        new_entries: list[tuple[str, dict]] = []
+        if todo:
+            pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(todo)), thread_name_prefix="llm-judge")
+            try:
+                futures = {pool.submit(self._judge_one, p, r): key for key, (p, r) in todo.items()}
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        value, err, n_retries, lat = fut.result()
+                        key = futures[fut]
+                        retries += n_retries
+                        latencies += lat
+                        if value is not None:
+                            values[key] = value
+                            new_entries.append((key, value))
+                        else:
+                            errors[key] = err
+                    if errors and self.on_failure == "raise":
+                        for fut in pending:
+                            fut.cancel()
+                        break
+            finally:
+                pool.shutdown(wait=self.on_failure != "raise" or not errors, cancel_futures=True)
+                if self.cache and new_entries:
+                    with self._lock:
+                        self._memory.update(new_entries)
+                        self._append_cache_file(new_entries)
+        if errors and self.on_failure == "raise":
+            first = next(iter(errors.values()))
+            more = f" ({len(errors)} samples failed)" if len(errors) > 1 else ""
+            raise JudgeError(first + more + ". Set on_failure: skip to leave such samples out instead.")
+
+        scores = torch.full((n,), float("nan"))
+        valid = torch.zeros(n, dtype=torch.bool)
+        extra = {"replies": torch.full((n,), float("nan")), "likes": torch.full((n,), float("nan"))}
+        for i, key in enumerate(keys):
+            if key in values:
+                s, parts = self._value_to_score(values[key])
+                scores[i], valid[i] = s, True
+                for part, v in parts.items():
+                    extra[part][i] = v
+        components = {self.name: scores.clone()}
+        if self.mode == "parse":
+            components[f"{self.name}/replies"] = extra["replies"]
+            components[f"{self.name}/likes"] = extra["likes"]
+        n_fail = sum(1 for k in keys if k not in values)
+        if n_fail:
+            log.warning("LLMJudge %r: %d of %d samples failed and are marked invalid: %s", self.name, n_fail, n, next(iter(errors.values())))
+        metrics = {"judge/failures": float(n_fail), "judge/retries": float(retries), "judge/cache_hits": float(hits)}
+        if latencies:
+            metrics["judge/latency_s"] = sum(latencies) / len(latencies)
+        return RewardOutput(torch.where(valid, scores, 0.0), valid, components, metrics)

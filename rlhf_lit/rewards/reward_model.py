@@ -1,0 +1,194 @@
+"""Any ``AutoModelForSequenceClassification`` folder as a reward: classifiers and trained reward models."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import torch
+
+from .base import RewardBackend, RewardOutput
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RewardModel(RewardBackend):
+    """The logit (or probability) of one label of a sequence classifier loaded from a local folder.
+
+    Works for classifiers (sentiment, toxicity: ``transform: sigmoid`` or ``softmax``) and for reward
+    models with one output (``label: 0``, ``transform: raw``).
+
+    Args:
+        model_path: Local folder with the classifier and its tokenizer (``save_pretrained`` layout).
+        label: Output to use: an index, or a label name from the model's ``config.id2label``.
+        transform: ``raw`` logit, ``sigmoid`` of the logit, or ``softmax`` over all labels.
+        input: What the classifier reads: ``response`` alone; ``pair``: (prompt, response) as a
+            tokenizer text pair; ``concat``: ``prompt + separator + response``; ``chat``: a user/assistant
+            conversation through the tokenizer's chat template (reward models trained on chats).
+        separator: Text between prompt and response for ``input: concat``.
+        batch_size: Texts per forward pass.
+        max_length: Inputs are truncated to this many tokens.
+        truncation_side: Which end is cut when an input is too long; ``left`` keeps the end of the
+            response (the token a causal-LM reward model reads).
+        device: Device of the classifier; None uses the trainer's device given to ``setup``; ``cpu``
+            forces the CPU.
+        dtype: Weights dtype: float32, bfloat16, float16, or auto (the checkpoint's).
+        trust_remote_code: Allow code shipped in the model folder to run. Off by default: only turn it
+            on for folders you trust.
+        scale: Multiplies the raw score (use -1 to minimise a score instead).
+        shift: Added after scaling.
+        clip_min: Lower bound after scale and shift; None for no bound.
+        clip_max: Upper bound after scale and shift; None for no bound.
+        name: Name used for ``reward/<name>`` metrics; defaults to ``reward_model``.
+    """
+
+    default_name = "reward_model"
+
+    def __init__(
+        self,
+        model_path: str,
+        label: Union[int, str] = 0,
+        transform: Literal["raw", "sigmoid", "softmax"] = "raw",
+        input: Literal["response", "pair", "concat", "chat"] = "response",
+        separator: str = "\n",
+        batch_size: int = 16,
+        max_length: int = 512,
+        truncation_side: Literal["right", "left"] = "right",
+        device: Optional[str] = None,
+        dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
+        trust_remote_code: bool = False,
+        scale: float = 1.0,
+        shift: float = 0.0,
+        clip_min: Optional[float] = None,
+        clip_max: Optional[float] = None,
+        name: Optional[str] = None,
+    ) -> None:
+        super().__init__(scale=scale, shift=shift, clip_min=clip_min, clip_max=clip_max, name=name)
+        who = f"RewardModel {self.name!r}"
+        for opt, value, allowed in (
+            ("transform", transform, ("raw", "sigmoid", "softmax")),
+            ("input", input, ("response", "pair", "concat", "chat")),
+            ("truncation_side", truncation_side, ("right", "left")),
+            ("dtype", dtype, (*_DTYPES, "auto")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{who}: {opt} must be one of {list(allowed)}, got {value!r}")
+        if int(batch_size) < 1 or int(max_length) < 2:
+            raise ValueError(f"{who}: need batch_size >= 1 and max_length >= 2, got {batch_size}, {max_length}")
+        self.model_path = model_path
+        self.label = label
+        self.transform = transform
+        self.input = input
+        self.separator = separator
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        self.truncation_side = truncation_side
+        self.device_option = device
+        self.dtype = dtype
+        self.trust_remote_code = bool(trust_remote_code)
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self.label_index: Optional[int] = None
+
+    def setup(self, device) -> None:
+        super().setup(device)
+        self._load()
+
+    def _resolve_label(self, config) -> int:
+        n = int(config.num_labels)
+        id2label = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+        label = self.label
+        if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+            label = int(label)
+        if isinstance(label, int):
+            idx = label + n if label < 0 else label
+            if not 0 <= idx < n:
+                raise ValueError(
+                    f"RewardModel {self.name!r}: label index {self.label} is out of range for {self.model_path!r}, "
+                    f"which has {n} outputs {id2label}"
+                )
+            return idx
+        matches = [i for i, v in id2label.items() if v == label] or [
+            i for i, v in id2label.items() if v.lower() == str(label).lower()
+        ]
+        if len(matches) != 1:
+            raise ValueError(
+                f"RewardModel {self.name!r}: label {label!r} is not in config.id2label of {self.model_path!r}: "
+                f"{id2label}; use one of those names or an index"
+            )
+        return matches[0]
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        folder = Path(self.model_path).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"RewardModel {self.name!r}: model_path {str(folder)!r} must be a local folder with config.json, "
+                f"the weights and the tokenizer (save_pretrained layout)"
+            )
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=self.trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder,
+            local_files_only=True,
+            trust_remote_code=self.trust_remote_code,
+            dtype="auto" if self.dtype == "auto" else _DTYPES[self.dtype],
+        )
+        self.label_index = self._resolve_label(model.config)
+        if self.transform == "softmax" and model.config.num_labels < 2:
+            raise ValueError(f"RewardModel {self.name!r}: transform softmax needs >= 2 labels; {str(folder)!r} has 1")
+        if self.input == "chat" and not getattr(tok, "chat_template", None):
+            raise ValueError(f"RewardModel {self.name!r}: input 'chat' needs a tokenizer chat template; {str(folder)!r} has none")
+        if tok.pad_token_id is None:
+            if tok.eos_token_id is None:
+                raise ValueError(f"RewardModel {self.name!r}: the tokenizer in {str(folder)!r} has neither a pad nor an eos token")
+            tok.pad_token = tok.eos_token
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = tok.pad_token_id  # causal-LM classifiers find the last token with it
+        tok.truncation_side = self.truncation_side
+        device = torch.device(self.device_option) if self.device_option else self.device
+        model.to(device).eval()
+        self._model, self._tokenizer = model, tok
+
+    def _encode(self, prompts: list[str], responses: list[str]):
+        tok = self._tokenizer
+        kw = dict(return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+        if self.input == "response":
+            return tok(responses, **kw)
+        if self.input == "pair":
+            return tok(prompts, responses, **kw)
+        if self.input == "concat":
+            return tok([p + self.separator + r for p, r in zip(prompts, responses)], **kw)
+        chats = [
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}, {"role": "assistant", "content": r}], tokenize=False
+            )
+            for p, r in zip(prompts, responses)
+        ]
+        return tok(chats, add_special_tokens=False, **kw)
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str]) -> RewardOutput:
+        self._load()
+        out = []
+        for i in range(0, len(responses), self.batch_size):
+            enc = self._encode(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])
+            logits = self._model(**enc.to(self._model.device)).logits.float()
+            if self.transform == "softmax":
+                logits = logits.softmax(-1)
+            elif self.transform == "sigmoid":
+                logits = logits.sigmoid()
+            out.append(logits[:, self.label_index].cpu())
+        scores = torch.cat(out) if out else torch.zeros(0)
+        n = len(responses)
+        return RewardOutput(scores, torch.ones(n, dtype=torch.bool), {self.name: scores.clone()}, {})
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_model=None, _tokenizer=None)
+        return state
