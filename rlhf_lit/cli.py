@@ -20,8 +20,8 @@ class SaveRunConfig(SaveConfigCallback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.already_saved or trainer.log_dir is None:
             return super().setup(trainer, pl_module, stage)
-        base = "config.yaml"
-        if (Path(trainer.log_dir) / base).exists():
+        stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn enum
+        if (Path(trainer.log_dir) / "config.yaml").exists():
             n = 1
             while (Path(trainer.log_dir) / f"config.{stage}{n}.yaml").exists():
                 n += 1

@@ -451,9 +451,13 @@ class PPOModule(LightningModule):
         trunc, texts = self.sample(batch, self.eval_sampling, role)
         out = self.reward(batch["prompt"], texts)
         q_ids, q_mask, T = batch["input_ids"], batch["attention_mask"], self.eval_sampling.temperature
-        pol = self._forward_batched(POLICY, q_ids, q_mask, trunc.response_ids, trunc.response_mask, T)
-        ref = self._forward_batched(REFERENCE, q_ids, q_mask, trunc.response_ids, trunc.response_mask, T)
-        kl = (ppo.kl_estimate(pol.logprobs, ref.logprobs, "k1") * trunc.response_mask).sum(-1)
+        # KL of the sampling adapter to the reference, estimated on its own samples (0 for the reference).
+        if role == REFERENCE:
+            kl = torch.zeros(q_ids.shape[0], device=q_ids.device)
+        else:
+            own = self._forward_batched(role, q_ids, q_mask, trunc.response_ids, trunc.response_mask, T)
+            ref = self._forward_batched(REFERENCE, q_ids, q_mask, trunc.response_ids, trunc.response_mask, T)
+            kl = (ppo.kl_estimate(own.logprobs, ref.logprobs, "k1") * trunc.response_mask).sum(-1)
         return {"scores": out.scores.to(self.device), "valid": out.valid.to(self.device), "kl": kl,
                 "length": trunc.response_mask.sum(-1).float(), "eos": trunc.has_stop.float(), "texts": texts}
 

@@ -108,6 +108,7 @@ def test_exported_adapter_reproduces_policy_logprobs(trained_run):
     base = AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float32)
     loaded = PeftModel.from_pretrained(base, adapter).eval()
 
+    cli.datamodule.setup("test")
     batch = next(iter(cli.datamodule.test_dataloader()))
     trunc, _ = module.sample(batch, module.eval_sampling)
     with torch.no_grad():
