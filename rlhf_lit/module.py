@@ -158,7 +158,8 @@ class PPOModule(LightningModule):
         self.extra_stop_tokens = list(extra_stop_tokens or [])
         self.seed = seed
         self._check_batch_shapes()
-        check_adapter_path(policy.sft_adapter)
+        check_adapter_path(policy.sft_adapter, "sft_adapter")
+        check_adapter_path(policy.policy_adapter, "policy_adapter")
 
         self.model: Optional[PolicyModel] = None
         self.tokenizer = None
@@ -401,6 +402,8 @@ class PPOModule(LightningModule):
         metrics |= self.ppo_update(rollout)
         metrics["time/update_s"] = time.perf_counter() - t
         metrics["time/iteration_s"] = time.perf_counter() - t0
+        if self.device.type == "cuda":
+            metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
 
         if self.ppo.adaptive_kl:
             n = rollout.query_ids.shape[0] * self.trainer.world_size

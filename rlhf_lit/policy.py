@@ -41,6 +41,9 @@ class PolicyConfig:
     sft_adapter: Optional[str] = "builtin:demo-sft"
     """SFT LoRA adapter folder (PEFT format) used as frozen reference and as the policy's start;
     None trains a fresh LoRA against the bare base."""
+    policy_adapter: Optional[str] = None
+    """Start the policy from this adapter folder instead of the SFT adapter — e.g. an exported RLHF
+    adapter to evaluate with ``test``. The reference stays the SFT adapter."""
     quantization: Literal["none", "nf4"] = "none"
     """``nf4``: 4-bit NormalFloat base weights with double quantization and bf16 compute
     (bitsandbytes, CUDA only); ``none``: weights in ``dtype``."""
@@ -81,16 +84,18 @@ def resolve_model_path(name: str) -> str:
     return str(assets.base_dir if which == "demo" else assets.sft_adapter_dir)
 
 
-def check_adapter_path(name: Optional[str]) -> None:
+def check_adapter_path(name: Optional[str], option: str = "sft_adapter") -> None:
     """Fail early, before any model loads, for an adapter folder that does not exist."""
     if name is None or name.startswith(BUILTIN_PREFIX):
         return
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"model.policy.sft_adapter={name!r} has no adapter_config.json (expected a PEFT adapter folder)")
+            raise FileNotFoundError(
+                f"model.policy.{option}={name!r} has no adapter_config.json (expected a PEFT adapter folder)"
+            )
     elif not _HUB_ID.match(name) or name.startswith("."):
-        raise FileNotFoundError(f"model.policy.sft_adapter={name!r}: no such folder (expected a PEFT adapter folder)")
+        raise FileNotFoundError(f"model.policy.{option}={name!r}: no such folder (expected a PEFT adapter folder)")
 
 
 class ResponseOutput(NamedTuple):
@@ -239,23 +244,23 @@ def _load_base(config: PolicyConfig, device: torch.device):
 
 
 def _load_peft_model(config: PolicyConfig, device: torch.device):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
-    check_adapter_path(config.sft_adapter)
+    check_adapter_path(config.sft_adapter, "sft_adapter")
+    check_adapter_path(config.policy_adapter, "policy_adapter")
     base = _load_base(config, device)
-    if config.sft_adapter is None:
+    if config.sft_adapter is None and config.policy_adapter is None:
         lora = LoraConfig(
             r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
             target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM",
         )
         return get_peft_model(base, lora, adapter_name=POLICY)
-    path = resolve_model_path(config.sft_adapter)
-    try:
-        model = PeftModel.from_pretrained(base, path, adapter_name=REFERENCE, is_trainable=False)
-        model.load_adapter(path, adapter_name=POLICY, is_trainable=True)
-    except (OSError, ValueError) as e:
-        raise type(e)(f"model.policy.sft_adapter={config.sft_adapter!r} could not be loaded on "
-                      f"{config.base_model!r}: {e}") from e
+    if config.sft_adapter is None:
+        model = _load_adapter(None, base, config, "policy_adapter", POLICY, trainable=True)
+    else:
+        model = _load_adapter(None, base, config, "sft_adapter", REFERENCE, trainable=False)
+        _load_adapter(model, base, config, "policy_adapter" if config.policy_adapter else "sft_adapter",
+                      POLICY, trainable=True)
     model.set_adapter(POLICY)
     for name, p in model.named_parameters():
         is_policy = f".{POLICY}." in name
@@ -264,6 +269,21 @@ def _load_peft_model(config: PolicyConfig, device: torch.device):
     if model.device.type != device.type and config.quantization == "none":
         model.to(device)
     return model
+
+
+def _load_adapter(model, base, config: PolicyConfig, option: str, name: str, trainable: bool):
+    """Load the adapter named by ``config.<option>`` as ``name`` (onto ``model``, or wrap ``base``)."""
+    from peft import PeftModel
+
+    path = resolve_model_path(getattr(config, option))
+    try:
+        if model is None:
+            return PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=trainable)
+        model.load_adapter(path, adapter_name=name, is_trainable=trainable)
+        return model
+    except (OSError, ValueError, RuntimeError) as e:
+        raise type(e)(f"model.policy.{option}={getattr(config, option)!r} could not be loaded on "
+                      f"base_model={config.base_model!r} (an adapter for another base model?): {e}") from e
 
 
 def _disable_dropout(model: nn.Module) -> None:
