@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from rlhf_lit import ppo
+from rlhf_lit.evaluation import TestEvaluator, check_eval_rewards
 from rlhf_lit.policy import (
     POLICY, REFERENCE, PolicyConfig, PolicyModel, ResponseOutput, check_adapter_path, resolve_model_path,
 )
@@ -114,6 +115,8 @@ class PPOModule(LightningModule):
         log_samples: Sample (prompt, response, score) rows written to TensorBoard per rollout.
         samples_every_n_rollouts: How often samples are written.
         eval_samples_per_prompt: Responses sampled per test prompt and adapter.
+        eval_rewards: Extra reward backends that only score test samples (each ``class_path``/``init_args``,
+            distinct ``name``s), reported beside the configured reward; never used for training.
         extra_stop_tokens: Tokens that end a response besides the tokenizer's EOS (e.g. ``<|endoftext|>``
             for a base model).
         seed: Seed of rollout sampling (each data-parallel rank adds its rank).
@@ -135,6 +138,7 @@ class PPOModule(LightningModule):
         log_samples: int = 4,
         samples_every_n_rollouts: int = 1,
         eval_samples_per_prompt: int = 1,
+        eval_rewards: Optional[list[RewardBackend]] = None,
         extra_stop_tokens: Optional[list[str]] = None,
         seed: int = 0,
     ) -> None:
@@ -155,6 +159,7 @@ class PPOModule(LightningModule):
         self.export_every_n_rollouts = export_every_n_rollouts
         self.log_samples, self.samples_every_n_rollouts = log_samples, samples_every_n_rollouts
         self.eval_samples_per_prompt = eval_samples_per_prompt
+        self.eval_rewards = check_eval_rewards(eval_rewards)
         self.extra_stop_tokens = list(extra_stop_tokens or [])
         self.seed = seed
         self._check_batch_shapes()
@@ -194,6 +199,8 @@ class PPOModule(LightningModule):
         )
         self.model = PolicyModel(cfg, device)
         self.reward.setup(device)
+        for backend in self.eval_rewards:
+            backend.setup(device)
         self.engine = self._make_engine(device)
 
     def _make_engine(self, device: torch.device) -> RolloutEngine:
@@ -433,7 +440,10 @@ class PPOModule(LightningModule):
 
         if not self.trainer.is_global_zero:
             return None
-        out = Path(self.output_dir) if self.output_dir else Path(self.trainer.log_dir or ".") / "adapter"
+        if not self.output_dir and not self.trainer.log_dir:
+            log.warning("no model.output_dir and no logger folder: the trained adapter is not exported")
+            return None
+        out = Path(self.output_dir) if self.output_dir else Path(self.trainer.log_dir) / "adapter"
         path = export_adapter(self.model.peft, POLICY, out, base_model=self.policy_config.base_model)
         log.info("exported the policy adapter to %s", path)
         return path
@@ -450,7 +460,8 @@ class PPOModule(LightningModule):
             yield
 
     @torch.no_grad()
-    def _score_and_kl(self, batch, role: str) -> dict[str, Tensor]:
+    def _score_and_kl(self, batch, role: str, extra: bool = False) -> dict[str, Any]:
+        """Sample with ``role``'s adapter and score; ``extra`` adds the eval-only backends' outputs."""
         trunc, texts = self.sample(batch, self.eval_sampling, role)
         out = self.reward(batch["prompt"], texts)
         q_ids, q_mask, T = batch["input_ids"], batch["attention_mask"], self.eval_sampling.temperature
@@ -461,8 +472,12 @@ class PPOModule(LightningModule):
             own = self._forward_batched(role, q_ids, q_mask, trunc.response_ids, trunc.response_mask, T)
             ref = self._forward_batched(REFERENCE, q_ids, q_mask, trunc.response_ids, trunc.response_mask, T)
             kl = (ppo.kl_estimate(own.logprobs, ref.logprobs, "k1") * trunc.response_mask).sum(-1)
-        return {"scores": out.scores.to(self.device), "valid": out.valid.to(self.device), "kl": kl,
-                "length": trunc.response_mask.sum(-1).float(), "eos": trunc.has_stop.float(), "texts": texts}
+        r = {"scores": out.scores.to(self.device), "valid": out.valid.to(self.device), "kl": kl,
+             "length": trunc.response_mask.sum(-1).float(), "eos": trunc.has_stop.float(), "texts": texts,
+             "components": out.components}
+        if extra:
+            r["eval"] = {b.name: b(batch["prompt"], texts) for b in self.eval_rewards}
+        return r
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         with self._eval_rng(batch_idx):
@@ -475,37 +490,22 @@ class PPOModule(LightningModule):
         self.log("validation/length", r["length"].mean(), batch_size=n, sync_dist=sync)
 
     def on_test_epoch_start(self) -> None:
-        self._test_rows: list[dict[str, Any]] = []
+        # Metrics and report: rlhf_lit/evaluation.py (torchmetrics states, synced across ranks).
+        self._evaluator = TestEvaluator(f"{self.reward.name} (trained-on reward)", self.device, seed=self.seed)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        n = len(batch["prompt"])
-        sync = self.trainer.world_size > 1
         for k in range(self.eval_samples_per_prompt):
             results = {}
-            for role in (POLICY, REFERENCE):
-                with self._eval_rng(batch_idx * 1000 + k):  # same seed for both adapters: paired samples
-                    results[role] = self._score_and_kl(batch, role)
-            self.engine.release()
             for role, name in ((POLICY, "rlhf"), (REFERENCE, "sft")):
-                r = results[role]
-                self.log(f"test/score_{name}", ppo.masked_mean(r["scores"], r["valid"]), batch_size=n, sync_dist=sync)
-                self.log(f"test/kl_{name}", r["kl"].mean(), batch_size=n, sync_dist=sync)
-                self.log(f"test/length_{name}", r["length"].mean(), batch_size=n, sync_dist=sync)
-                self.log(f"test/eos_rate_{name}", r["eos"].mean(), batch_size=n, sync_dist=sync)
-            both = results[POLICY]["valid"] & results[REFERENCE]["valid"]
-            wins = (results[POLICY]["scores"] > results[REFERENCE]["scores"]).float()
-            self.log("test/win_rate", ppo.masked_mean(wins, both), batch_size=n, sync_dist=sync)
-            for i in range(n):
-                self._test_rows.append({
-                    "id": batch["id"][i], "sample": k, "prompt": batch["prompt"][i],
-                    **{f"{name}_{key}": (results[role][key][i] if key == "texts" else float(results[role][key][i]))
-                       for role, name in ((POLICY, "rlhf"), (REFERENCE, "sft"))
-                       for key in ("texts", "scores", "valid", "kl", "length", "eos")},
-                })
+                with self._eval_rng(batch_idx * 1000 + k):  # same seed for both adapters: paired samples
+                    results[name] = self._score_and_kl(batch, role, extra=True)
+            self.engine.release()
+            self._evaluator.update(batch["id"], batch["prompt"], results, sample=k)
 
     def on_test_epoch_end(self) -> None:
-        if self.trainer.is_global_zero and self.trainer.log_dir:
-            RunLog(self.trainer).write_test_samples(self._test_rows)
+        # Every rank computes (a collective); rank 0 writes report.md/json, the histogram, test_samples.jsonl.
+        headline = self._evaluator.finish(self)
+        self.log_dict(headline, sync_dist=self.trainer.world_size > 1)
 
     # ---------------------------------------------------------------------------------------
     # Checkpoints: trained weights + optimizer + controller state + RNG, never the base model
