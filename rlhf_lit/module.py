@@ -206,13 +206,11 @@ class PPOModule(LightningModule):
     def _make_engine(self, device: torch.device) -> RolloutEngine:
         name = self.rollout_engine_name
         if name == "auto":
-            name = "cuda_graph" if device.type == "cuda" and self.policy_config.quantization == "none" else "hf"
-            try:
-                import rlhf_lit.fast_rollout  # noqa: F401
-            except ImportError:
-                name = "hf"
+            name = "cuda_graph" if device.type == "cuda" else "hf"
         if name == "hf":
             return HFGenerate()
+        if device.type != "cuda":
+            raise ValueError("model.rollout_engine=cuda_graph needs a CUDA GPU; use 'hf' or 'auto' on the CPU")
         from rlhf_lit.fast_rollout import StaticCudaGraphGenerate
 
         return StaticCudaGraphGenerate()
@@ -250,11 +248,17 @@ class PPOModule(LightningModule):
     def sample(self, batch: dict[str, Any], sampling: SamplingConfig, role: str = POLICY):
         """Sample responses with the given adapter; returns the truncated response and its text."""
         self.model.eval()
+        args = (self.model.peft, batch["input_ids"], batch["attention_mask"], sampling,
+                self.stop_token_ids, self.tokenizer.pad_token_id)
         with self.model.role(role):
-            tokens = self.engine.generate(
-                self.model.peft, batch["input_ids"], batch["attention_mask"], sampling,
-                self.stop_token_ids, self.tokenizer.pad_token_id,
-            )
+            try:
+                tokens = self.engine.generate(*args)
+            except NotImplementedError as e:  # the fast engine's UnsupportedModelError
+                if self.rollout_engine_name != "auto":
+                    raise
+                log.warning("rollout_engine=auto: falling back to HF generate (%s)", e)
+                self.engine = HFGenerate()
+                tokens = self.engine.generate(*args)
         trunc = ppo.truncate_after_stop(tokens, self.stop_token_ids, self.tokenizer.pad_token_id)
         texts = self.decode(trunc)
         return trunc, texts
