@@ -18,14 +18,19 @@ class SaveRunConfig(SaveConfigCallback):
     ``config.<stage>N.yaml`` instead of failing on (or overwriting) the first run's ``config.yaml``."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.already_saved or trainer.log_dir is None:
+        # trainer.log_dir is a collective (a broadcast): read it once on every rank, and let rank 0
+        # alone choose the file name, or ranks racing on the file's existence deadlock.
+        log_dir = trainer.log_dir
+        if self.already_saved or log_dir is None:
             return super().setup(trainer, pl_module, stage)
         stage = getattr(stage, "value", stage)  # Lightning passes a TrainerFn enum
-        if (Path(trainer.log_dir) / "config.yaml").exists():
+        name = "config.yaml"
+        if trainer.is_global_zero and (Path(log_dir) / name).exists():
             n = 1
-            while (Path(trainer.log_dir) / f"config.{stage}{n}.yaml").exists():
+            while (Path(log_dir) / f"config.{stage}{n}.yaml").exists():
                 n += 1
-            self.config_filename = f"config.{stage}{n}.yaml"
+            name = f"config.{stage}{n}.yaml"
+        self.config_filename = trainer.strategy.broadcast(name)
         return super().setup(trainer, pl_module, stage)
 
 

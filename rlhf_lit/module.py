@@ -276,14 +276,14 @@ class PPOModule(LightningModule):
         """Steps 1-4: sample, score, evaluate and compute advantages."""
         cfg, T = self.ppo, self.sampling.temperature
         timings = {}
-        t = time.perf_counter()
+        t = self._clock()
         trunc, texts = self.sample(batch, self.sampling)
         self.engine.release()
-        timings["time/rollout_s"] = time.perf_counter() - t
+        timings["time/rollout_s"] = self._clock() - t
 
-        t = time.perf_counter()
+        t = self._clock()
         reward_out = self.reward(batch["prompt"], texts)
-        timings["time/reward_s"] = time.perf_counter() - t
+        timings["time/reward_s"] = self._clock() - t
         raw_scores = reward_out.scores.to(self.device)
         valid = reward_out.valid.to(self.device)
         scores = raw_scores.clone()
@@ -297,12 +297,12 @@ class PPOModule(LightningModule):
         if cfg.score_clip is not None:
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
 
-        t = time.perf_counter()
+        t = self._clock()
         q_ids, q_mask = batch["input_ids"], batch["attention_mask"]
         r_ids, r_mask = trunc.response_ids, trunc.response_mask
         pol = self._forward_batched(POLICY, q_ids, q_mask, r_ids, r_mask, T, values=True, entropy=True)
         ref = self._forward_batched(REFERENCE, q_ids, q_mask, r_ids, r_mask, T)
-        timings["time/ref_values_s"] = time.perf_counter() - t
+        timings["time/ref_values_s"] = self._clock() - t
 
         mask = r_mask & valid.unsqueeze(-1)  # unscored samples get no update
         logprobs = pol.logprobs * r_mask
@@ -369,12 +369,14 @@ class PPOModule(LightningModule):
                     # Token-weighted share of the minibatch: micro-batching leaves loss and gradients unchanged.
                     w = mb.response_mask.sum() / n_tokens
                     loss = (pg.loss + cfg.vf_coef * vf.loss) * w
-                    self.manual_backward(loss)
+                    with self._no_backward_sync():
+                        self.manual_backward(loss)
                     for k, v in (("loss/policy_avg", pg.loss), ("loss/value_avg", vf.loss),
                                  ("policy/approxkl_avg", pg.approx_kl), ("policy/clipfrac_avg", pg.clipfrac),
                                  ("val/clipfrac_avg", vf.clipfrac), ("val/ratio", pg.ratio_mean),
                                  ("val/ratio_var", pg.ratio_var)):
                         sums[k] = sums.get(k, 0.0) + v.detach() * w
+                self._all_reduce_gradients(params)
                 max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
                 opt.step()
@@ -393,6 +395,30 @@ class PPOModule(LightningModule):
         out["policy/updates"] = float(len(stats["loss/policy_avg"]))
         return out
 
+    def _clock(self) -> float:
+        """Wall time after the GPU has finished queued work, so phase timings add up."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _no_backward_sync(self):
+        """Keep DDP's backward hooks out of the PPO loop: a rollout makes many backward passes per
+        DDP forward, which its reducer does not expect. Gradients are averaged explicitly instead."""
+        block = getattr(self.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None and self.trainer.world_size > 1 else contextlib.nullcontext()
+
+    def _all_reduce_gradients(self, params: list[Tensor]) -> None:
+        """Average the accumulated gradients over data-parallel ranks (one flat all-reduce)."""
+        if self.trainer.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
+            offset += g.numel()
+
     # ---------------------------------------------------------------------------------------
     # Lightning hooks
     # ---------------------------------------------------------------------------------------
@@ -407,12 +433,12 @@ class PPOModule(LightningModule):
         self._run_log = RunLog(self.trainer)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        t0 = time.perf_counter()
+        t0 = self._clock()
         rollout, metrics, texts = self.make_rollout(batch)
-        t = time.perf_counter()
+        t = self._clock()
         metrics |= self.ppo_update(rollout)
-        metrics["time/update_s"] = time.perf_counter() - t
-        metrics["time/iteration_s"] = time.perf_counter() - t0
+        metrics["time/update_s"] = self._clock() - t
+        metrics["time/iteration_s"] = self._clock() - t0
         if self.device.type == "cuda":
             metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
 
@@ -442,12 +468,13 @@ class PPOModule(LightningModule):
         """Write the policy adapter as a PEFT folder (atomically; rank 0 only)."""
         from rlhf_lit.export import export_adapter
 
+        log_dir = self.trainer.log_dir  # a broadcast: every rank must ask
         if not self.trainer.is_global_zero:
             return None
-        if not self.output_dir and not self.trainer.log_dir:
+        if not self.output_dir and not log_dir:
             log.warning("no model.output_dir and no logger folder: the trained adapter is not exported")
             return None
-        out = Path(self.output_dir) if self.output_dir else Path(self.trainer.log_dir) / "adapter"
+        out = Path(self.output_dir) if self.output_dir else Path(log_dir) / "adapter"
         path = export_adapter(self.model.peft, POLICY, out, base_model=self.policy_config.base_model)
         log.info("exported the policy adapter to %s", path)
         return path

@@ -14,7 +14,8 @@ class RunLog:
 
     def __init__(self, trainer) -> None:
         self.trainer = trainer
-        self.dir: Optional[Path] = Path(trainer.log_dir) if trainer.log_dir and trainer.is_global_zero else None
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank reads it exactly once
+        self.dir: Optional[Path] = Path(log_dir) if log_dir and trainer.is_global_zero else None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
 
