@@ -76,3 +76,31 @@ def _swap_into_place(new: Path, target: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+SOCIAL_SIM_TEMPLATE = "Qwen2.5-7B-Instruct-lora-finetuned-{i}-no-focal"
+
+
+def export_for_social_sim(adapter_dir: str | Path, loras_path: str | Path, cluster: int,
+                          lora_name_template: str = SOCIAL_SIM_TEMPLATE, suffix: str = "") -> Path:
+    """Copy an exported adapter into social-sim's loras folder under its naming scheme.
+
+    social-sim loads ``{loras_path}/{lora_name_template.format(i=cluster)}`` with
+    ``model.load_adapter(path, adapter_name)``; ``suffix`` (e.g. ``-rlhf-tox``) keeps the SFT
+    adapter of the same cluster beside it (point social-sim's template at the suffixed name).
+    Only plain LoRA files are copied; the swap into place is atomic.
+    """
+    src = Path(adapter_dir)
+    for name in (CONFIG, WEIGHTS):
+        if not (src / name).is_file():
+            raise FileNotFoundError(f"{src} is not an exported adapter: {name} is missing")
+    config = json.loads((src / CONFIG).read_text())
+    if config.get("modules_to_save"):
+        raise ValueError(f"{src} carries modules_to_save {config['modules_to_save']}: export it with plain_lora=True")
+    target = Path(loras_path) / (lora_name_template.format(i=cluster) + suffix)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    for name in (CONFIG, WEIGHTS):
+        shutil.copy2(src / name, staging / name)
+    _swap_into_place(staging, target)
+    return target
