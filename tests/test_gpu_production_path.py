@@ -1,0 +1,195 @@
+"""The production path on a GPU: nf4 base + LoRA adapters + bf16-mixed, one real PPO step each
+through ``PPOModule`` in a Lightning ``Trainer``, on a small random Qwen2 saved to a temporary folder.
+
+Skipped without CUDA (CI has none); run them on a GPU machine with ``pytest -m gpu``. The nf4 test
+also needs bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_WORDS, VOCAB = 509, 512
+PAD_ID, EOS_ID = 509, 511
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+BATCH, MINIBATCHES, MICRO, NEW_TOKENS = 8, 2, 2, 16
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "system": 1, "user": 2, "assistant": 3}
+    vocab.update({f"w{i}": i for i in range(len(vocab), N_WORDS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"],
+                                   padding_side="left", clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    assert (fast.pad_token_id, fast.eos_token_id) == (PAD_ID, EOS_ID)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    root = tmp_path_factory.mktemp("gpu_prod")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, bos_token_id=PAD_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    model = Qwen2ForCausalLM(cfg)
+    model.save_pretrained(root / "base")
+    _tokenizer().save_pretrained(root / "base")
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
+                                          task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(root / "sft")
+    g = torch.Generator().manual_seed(0)
+    with (root / "prompts.jsonl").open("w") as f:
+        for i in range(2 * BATCH):
+            n = int(torch.randint(4, 12, (1,), generator=g))  # ragged: left padding
+            words = " ".join(f"w{int(j)}" for j in torch.randint(4, N_WORDS, (n,), generator=g))
+            f.write(json.dumps({"id": f"p{i}", "prompt": words, "split": "train"}) + "\n")
+    return root
+
+
+def _reward():
+    from rlhf_lit.rewards.base import RewardBackend
+
+    class TextReward(RewardBackend):
+        default_name = "text"
+
+        def score(self, prompts, responses):
+            return [((len(r) * 7) % 11) / 11.0 - 0.5 for r in responses]
+
+    return TextReward()
+
+
+_RUNS: dict[str, dict] = {}
+
+
+def one_ppo_step(assets, quantization: str, tmp_path_factory) -> dict:
+    """Fit one PPO iteration (cached per quantization) and return what the tests inspect."""
+    if quantization in _RUNS:
+        return _RUNS[quantization]
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from rlhf_lit.data import PromptDataModule
+    from rlhf_lit.module import PPOConfig, PPOModule
+    from rlhf_lit.policy import POLICY, REFERENCE, PolicyConfig
+    from rlhf_lit.rollout import SamplingConfig
+
+    out: dict = {}
+
+    class Probe(PPOModule):
+        def ppo_update(self, rollout):
+            # A fresh forward of the first micro-batch, as the update computes it (train mode, grad on),
+            # before any optimizer step: it must reproduce the log-probs recorded at rollout time.
+            self.model.train()
+            mb = rollout.select(torch.arange(MICRO, device=rollout.query_ids.device))
+            new = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
+                             self.sampling.temperature)
+            out["fresh_logprobs"] = new.logprobs.detach().float().cpu()
+            out["rollout_logprobs"] = mb.logprobs.float().cpu()
+            out["mask"] = mb.response_mask.cpu()
+            out["param_dtypes"] = {n: p.dtype for n, p in self.model.trainable_named_parameters()}
+            return super().ppo_update(rollout)
+
+    class Snap(Callback):
+        def on_train_start(self, trainer, module):
+            out["before"] = {n: p.detach().float().cpu().clone() for n, p in module.model.named_parameters()
+                             if "lora_" in n}
+            out["engine"] = type(module.engine).__name__
+            out["base_layer_types"] = {type(m.base_layer).__name__ for m in module.model.modules()
+                                       if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            out["metrics"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+            out["after"] = {n: p.detach().float().cpu().clone() for n, p in module.model.named_parameters()
+                            if "lora_" in n}
+
+    tmp = tmp_path_factory.mktemp(f"fit_{quantization}")
+    module = Probe(
+        policy=PolicyConfig(base_model=str(assets / "base"), sft_adapter=str(assets / "sft"), quantization=quantization,
+                            dtype="bfloat16", gradient_checkpointing=True),
+        reward=_reward(),
+        ppo=PPOConfig(ppo_epochs=2, num_minibatches=MINIBATCHES, micro_batch_size=MICRO),
+        sampling=SamplingConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
+        rollout_engine="auto", rollout_batch_size=BATCH, output_dir=str(tmp / "adapter"), log_samples=0,
+    )
+    data = PromptDataModule(prompt_file=str(assets / "prompts.jsonl"), tokenizer=str(assets / "base"),
+                            batch_size=BATCH, val_fraction=0.0, test_fraction=0.0)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1, limit_train_batches=1,
+                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp),
+                        callbacks=[Snap()])
+    torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, datamodule=data)
+    out["policy_keys"] = [n for n in out["before"] if f".{POLICY}." in n]
+    out["reference_keys"] = [n for n in out["before"] if f".{REFERENCE}." in n]
+    out["export"] = tmp / "adapter"
+    _RUNS[quantization] = out
+    return out
+
+
+def _check_step(run: dict) -> None:
+    m = run["metrics"]
+    for key in ("loss/policy_avg", "loss/value_avg", "objective/kl", "policy/grad_norm", "time/iteration_s",
+                "perf/peak_mem_gb", "perf/tokens_per_sec"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["response/length_mean"] == pytest.approx(NEW_TOKENS)  # min_new_tokens forces the length
+    assert m["val/ratio_first_minibatch"] == pytest.approx(1.0, abs=5e-3)
+    assert m["policy/updates"] == 2 * MINIBATCHES
+    moved = [n for n in run["policy_keys"] if not torch.equal(run["before"][n], run["after"][n])]
+    assert moved, "the optimizer step did not change the policy adapter"
+    assert all(torch.equal(run["before"][n], run["after"][n]) for n in run["reference_keys"]), \
+        "the reference adapter changed"
+    # LoRA and value head train in float32 under bf16-mixed.
+    assert set(run["param_dtypes"].values()) == {torch.float32}
+    assert (run["export"] / "adapter_model.safetensors").is_file()
+
+
+def test_nf4_load_and_one_ppo_step(assets, tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    run = one_ppo_step(assets, "nf4", tmp_path_factory)
+    assert run["base_layer_types"] == {"Linear4bit"}, run["base_layer_types"]
+    _check_step(run)
+
+
+def test_bf16_mixed_one_ppo_step(assets, tmp_path_factory):
+    run = one_ppo_step(assets, "none", tmp_path_factory)
+    assert run["base_layer_types"] == {"Linear"}
+    _check_step(run)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_rollout_logprobs_equal_a_fresh_forward(assets, tmp_path_factory, quantization):
+    if quantization == "nf4":
+        pytest.importorskip("bitsandbytes")
+    run = one_ppo_step(assets, quantization, tmp_path_factory)
+    mask = run["mask"].float()
+    diff = (run["fresh_logprobs"] - run["rollout_logprobs"]).abs() * mask
+    # Same adapter, same micro-batch rows, same autocast: equal up to bf16 kernel differences.
+    assert float(diff.max()) < 2e-2, float(diff.max())
+    assert float(diff.sum() / mask.sum()) < 2e-3
+    ratio = (torch.exp(run["fresh_logprobs"] - run["rollout_logprobs"]) * mask).sum() / mask.sum()
+    assert float(ratio) == pytest.approx(1.0, abs=2e-3)

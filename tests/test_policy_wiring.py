@@ -1,0 +1,420 @@
+"""How the policy, the frozen reference and the critic share one base model (CPU, tiny random Qwen2).
+
+Checked here: which parameters train (and that the optimizer gets exactly those), that the reference
+role is the SFT adapter (or the bare base without one), that the base weights exist once, that
+dropout is off even in train mode, that micro-batching leaves ``ppo_update`` unchanged, and that an
+SFT adapter with ``modules_to_save`` loads, stays frozen unless asked, and exports as plain LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rlhf_lit import ppo
+from rlhf_lit.policy import POLICY, REFERENCE, PolicyConfig, PolicyModel
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+N_WORDS, VOCAB = 250, 256  # tokenizer words 0..249, ChatML specials 250..252, model rows 256
+PAD_ID, IM_START_ID, EOS_ID = 250, 251, 252
+TEMPERATURE = 0.7
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: a tiny random Qwen2, a word-level ChatML tokenizer and two SFT adapters, built once
+# ---------------------------------------------------------------------------------------------
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "system": 1, "user": 2, "assistant": 3}
+    vocab.update({f"w{i}": i for i in range(len(vocab), N_WORDS)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
+                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"],
+                                   padding_side="left", clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    assert (fast.pad_token_id, fast.eos_token_id) == (PAD_ID, EOS_ID)
+    return fast
+
+
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, attention_dropout=0.1,  # dropout on purpose: it must be turned off
+                      bos_token_id=PAD_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    return Qwen2ForCausalLM(cfg)
+
+
+def write_adapter(base_dir, out_dir, seed: int, modules_to_save=None) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS, task_type="CAUSAL_LM",
+                      modules_to_save=modules_to_save)
+    pm = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)  # the SFT run changed these weights too
+    pm.save_pretrained(out_dir)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wiring")
+    torch.manual_seed(0)
+    base = root / "base"
+    tiny_qwen2().save_pretrained(base)
+    build_tokenizer().save_pretrained(base)
+    write_adapter(base, root / "sft", seed=1)
+    write_adapter(base, root / "sft_mts", seed=2, modules_to_save=["lm_head"])
+    prompts = root / "prompts.jsonl"
+    g = torch.Generator().manual_seed(0)
+    with prompts.open("w") as f:
+        for i in range(16):
+            n = int(torch.randint(3, 9, (1,), generator=g))  # different lengths: left padding in batches
+            words = " ".join(f"w{int(j)}" for j in torch.randint(4, N_WORDS, (n,), generator=g))
+            f.write(json.dumps({"id": f"p{i}", "prompt": words, "split": "train"}) + "\n")
+    return {"base": str(base), "sft": str(root / "sft"), "sft_mts": str(root / "sft_mts"), "prompts": str(prompts),
+            "root": root}
+
+
+def policy(assets, **kw) -> PolicyModel:
+    cfg = dict(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32")
+    cfg.update(kw)
+    return PolicyModel(PolicyConfig(**cfg), torch.device("cpu"))
+
+
+def batch(seed: int = 0, B: int = 3, P: int = 6, R: int = 5):
+    """Left-padded prompts (row 0 has 2 pads) and responses (row 1 ends early at a stop token)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(4, N_WORDS, (B, P), generator=g)
+    q_mask = torch.ones(B, P, dtype=torch.long)
+    q[0, :2], q_mask[0, :2] = PAD_ID, 0
+    r = torch.randint(4, N_WORDS, (B, R), generator=g)
+    r_mask = torch.ones(B, R, dtype=torch.bool)
+    r[1, 2], r[1, 3:], r_mask[1, 3:] = EOS_ID, PAD_ID, False
+    return q, q_mask, r, r_mask
+
+
+def hf_logprobs(model, q, q_mask, r, r_mask) -> torch.Tensor:
+    """Log-probs of the response tokens from a plain HF/PEFT forward (the independent reference)."""
+    ids = torch.cat([q, r], 1)
+    mask = torch.cat([q_mask, r_mask.long()], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+    P, R = q.shape[1], r.shape[1]
+    return ppo.logprobs_from_logits(logits[:, P - 1:P + R - 1], r, TEMPERATURE)
+
+
+def logprobs(pm: PolicyModel, b) -> torch.Tensor:
+    with torch.no_grad():
+        return pm(*b, TEMPERATURE, values=False).logprobs
+
+
+def masked_max_diff(a, b, mask) -> float:
+    return float(((a - b).abs() * mask).max())
+
+
+def perturb_policy(pm: PolicyModel, scale: float = 0.2) -> None:
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if f".{POLICY}." in name and "lora_" in name:
+                p.add_(torch.randn_like(p) * scale)
+
+
+def lora_names(pm: PolicyModel, adapter: str) -> set[str]:
+    return {n for n, _ in pm.named_parameters() if ".lora_" in n and f".{adapter}." in n}
+
+
+# ---------------------------------------------------------------------------------------------
+# Roles and trainable parameters
+# ---------------------------------------------------------------------------------------------
+def test_adapter_roles_and_optimizer_parameters(assets):
+    from rlhf_lit.module import PPOModule
+
+    pm = policy(assets)
+    policy_lora, ref_lora = lora_names(pm, POLICY), lora_names(pm, REFERENCE)
+    assert len(policy_lora) == len(ref_lora) == 2 * len(TARGETS) * 2  # 2 layers x 7 projections x (A, B)
+    expected = policy_lora | {"value_head.weight", "value_head.bias"}
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable == expected
+    assert {n for n, _ in pm.trainable_named_parameters()} == expected
+    assert pm.peft.active_adapter == POLICY
+
+    # Switching to the reference and back leaves the flags (and the active adapter) as they were.
+    with pm.role(REFERENCE):
+        assert pm.peft.active_adapter == REFERENCE
+    assert {n for n, p in pm.named_parameters() if p.requires_grad} == expected
+    assert pm.peft.active_adapter == POLICY
+
+    # The optimizer gets exactly the policy LoRA and the value head, by name.
+    module = PPOModule(policy=PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"]),
+                       reward=ConstantishReward(), rollout_batch_size=4)
+    module.model = pm
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    by_id = {id(p): n for n, p in pm.named_parameters()}
+    in_opt = [by_id[id(p)] for g in opt.param_groups for p in g["params"]]
+    assert len(in_opt) == len(set(in_opt))
+    assert set(in_opt) == expected
+    assert all(PolicyModel.is_trainable_key(n) for n in in_opt)
+    assert not any(PolicyModel.is_trainable_key(n) for n in ref_lora)
+
+
+def test_reference_role_is_the_sft_adapter_and_back(assets):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pm = policy(assets)
+    b = batch()
+    mask = b[3].float()
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["base"], dtype=torch.float32),
+                                    assets["sft"]).eval()
+    sft_lp = hf_logprobs(sft, *b)
+    pm.eval()
+    # Before any update the policy is the SFT adapter.
+    assert masked_max_diff(logprobs(pm, b), sft_lp, mask) < 1e-5
+
+    perturb_policy(pm)
+    pol_lp = logprobs(pm, b)
+    with pm.role(REFERENCE):
+        ref_lp = logprobs(pm, b)
+    assert masked_max_diff(ref_lp, sft_lp, mask) < 1e-5, "the reference role must give the SFT adapter's log-probs"
+    assert masked_max_diff(pol_lp, ref_lp, mask) > 1e-3, "the perturbed policy must differ from the reference"
+    # Back to the policy: exactly what it gave before the switch.
+    assert torch.equal(logprobs(pm, b), pol_lp)
+    with pm.role(POLICY):
+        assert torch.equal(logprobs(pm, b), pol_lp)
+    # The reference LoRA was not touched by the perturbation or the switches.
+    sft_sd = {k: v for k, v in sft.state_dict().items() if "lora_" in k}
+    ref_sd = {k.replace(f".{REFERENCE}.", ".default."): v for k, v in pm.peft.state_dict().items()
+              if "lora_" in k and f".{REFERENCE}." in k}
+    assert sft_sd.keys() == ref_sd.keys()
+    assert all(torch.equal(sft_sd[k], ref_sd[k]) for k in sft_sd)
+
+
+def test_without_sft_adapter_reference_is_the_bare_base(assets):
+    from transformers import AutoModelForCausalLM
+
+    pm = policy(assets, sft_adapter=None, lora_r=4, lora_alpha=8)
+    assert {n for n, p in pm.named_parameters() if p.requires_grad} == lora_names(pm, POLICY) | {
+        "value_head.weight", "value_head.bias"}
+    assert not lora_names(pm, REFERENCE)
+    b = batch(1)
+    mask = b[3].float()
+    base_lp = hf_logprobs(AutoModelForCausalLM.from_pretrained(assets["base"], dtype=torch.float32).eval(), *b)
+    pm.eval()
+    assert masked_max_diff(logprobs(pm, b), base_lp, mask) < 1e-5  # a fresh LoRA starts as the identity
+    perturb_policy(pm)
+    pol_lp = logprobs(pm, b)
+    with pm.role(REFERENCE):
+        ref_lp = logprobs(pm, b)
+    assert masked_max_diff(ref_lp, base_lp, mask) < 1e-5
+    assert masked_max_diff(pol_lp, base_lp, mask) > 1e-3
+    assert torch.equal(logprobs(pm, b), pol_lp)
+
+
+def test_base_weights_exist_once(assets):
+    from transformers import AutoModelForCausalLM
+
+    pm = policy(assets)
+    base = AutoModelForCausalLM.from_pretrained(assets["base"], dtype=torch.float32)
+    base_numel = sum(p.numel() for p in base.parameters())
+    shared = [(n, p) for n, p in pm.peft.named_parameters() if "lora_" not in n]
+    assert len(shared) == len(list(base.parameters()))
+    assert sum(p.numel() for _, p in shared) == base_numel
+    ptrs = {p.untyped_storage().data_ptr() for _, p in shared}
+    assert len(ptrs) == len(shared), "two base parameters share (or duplicate) one storage"
+    lora_numel = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
+    per_adapter = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n and f".{POLICY}." in n)
+    assert lora_numel == 2 * per_adapter  # reference + policy LoRA, nothing else
+    total = sum(p.numel() for p in pm.parameters())
+    assert total == base_numel + lora_numel + pm.value_head.weight.numel() + pm.value_head.bias.numel()
+
+
+def test_dropout_is_off_even_in_train_mode(assets):
+    pm = policy(assets)  # the SFT adapter has lora_dropout=0.1 and the base attention_dropout=0.1
+    pm.train()
+    dropouts = [m for m in pm.modules() if isinstance(m, nn.Dropout)]
+    assert dropouts, "expected LoRA dropout modules in this adapter"
+    assert all(m.p == 0.0 for m in dropouts)
+    attn = [m for m in pm.modules() if hasattr(m, "attention_dropout")]
+    assert attn and all(float(m.attention_dropout) == 0.0 for m in attn)
+    b = batch(2)
+    torch.manual_seed(0)
+    out1 = pm(*b, TEMPERATURE)
+    torch.manual_seed(1)
+    out2 = pm(*b, TEMPERATURE)
+    assert torch.equal(out1.logprobs, out2.logprobs) and torch.equal(out1.values, out2.values)
+
+
+# ---------------------------------------------------------------------------------------------
+# ppo_update: micro-batching leaves losses and gradients unchanged
+# ---------------------------------------------------------------------------------------------
+from rlhf_lit.rewards.base import RewardBackend  # noqa: E402
+
+
+class ConstantishReward(RewardBackend):
+    """Deterministic, varied scores from the text alone (no model)."""
+
+    default_name = "lengthish"
+
+    def score(self, prompts, responses):
+        return [((len(r) * 7) % 11) / 11.0 - 0.5 for r in responses]
+
+
+def _sgd_zero(params):
+    return torch.optim.SGD(params, lr=0.0)  # gradients are computed, the weights never move
+
+
+def test_micro_batch_size_leaves_update_unchanged(assets, tmp_path):
+    import lightning as L
+
+    from rlhf_lit.data import PromptDataModule
+    from rlhf_lit.module import PPOConfig, PPOModule
+    from rlhf_lit.rollout import SamplingConfig
+
+    captured = {}
+
+    class Probe(PPOModule):
+        def training_step(self, batch_, batch_idx):
+            rollout, _, _ = self.make_rollout(batch_)
+            # Ragged response lengths so the token weighting of micro-batches matters.
+            lengths = torch.tensor([2, 8, 5, 8, 1, 7, 3, 6])[: rollout.response_mask.shape[0]]
+            idx = torch.arange(rollout.response_mask.shape[1])
+            mask = rollout.response_mask & (idx < lengths[:, None])
+            rollout = rollout._replace(response_mask=mask, logprobs=rollout.logprobs * mask,
+                                       values=rollout.values * mask, advantages=rollout.advantages * mask,
+                                       returns=rollout.returns * mask)
+            opt = self.optimizers().optimizer
+            for micro in (None, 1, 2):
+                grads = []
+                hook = opt.register_step_pre_hook(lambda o, a, k: grads.append(
+                    {n: p.grad.detach().clone() for n, p in self.model.trainable_named_parameters()}))
+                self.ppo.micro_batch_size = micro
+                torch.manual_seed(99)  # same minibatch permutation for every setting
+                stats = self.ppo_update(rollout)
+                hook.remove()
+                captured[micro] = (stats, grads)
+
+    module = Probe(
+        policy=PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32"),
+        reward=ConstantishReward(),
+        ppo=PPOConfig(ppo_epochs=2, num_minibatches=2, max_grad_norm=None),
+        sampling=SamplingConfig(max_new_tokens=8, min_new_tokens=8),
+        rollout_engine="hf", optimizer=_sgd_zero, rollout_batch_size=8, output_dir=str(tmp_path / "adapter"),
+        log_samples=0,
+    )
+    data = PromptDataModule(prompt_file=assets["prompts"], tokenizer=assets["base"], batch_size=8,
+                            val_fraction=0.0, test_fraction=0.0)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=1, limit_train_batches=1,
+                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=data)
+
+    full_stats, full_grads = captured[None]
+    assert len(full_grads) == 4  # 2 epochs x 2 minibatches
+    assert full_stats["val/ratio_first_minibatch"] == pytest.approx(1.0, abs=1e-6)
+    for micro in (1, 2):
+        stats, grads = captured[micro]
+        assert stats.keys() == full_stats.keys()
+        for k, v in full_stats.items():
+            assert stats[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (micro, k)
+        assert len(grads) == len(full_grads)
+        for g_full, g in zip(full_grads, grads):
+            assert g_full.keys() == g.keys()
+            for n in g_full:
+                torch.testing.assert_close(g[n], g_full[n], rtol=1e-4, atol=1e-7, msg=f"micro={micro} {n}")
+        assert any(float(g.abs().max()) > 0 for g in full_grads[0].values())
+
+
+# ---------------------------------------------------------------------------------------------
+# modules_to_save in the SFT adapter, and the plain-LoRA export
+# ---------------------------------------------------------------------------------------------
+def _extra_names(pm: PolicyModel, adapter: str) -> set[str]:
+    return {n for n, _ in pm.named_parameters() if "modules_to_save" in n and f".{adapter}." in n}
+
+
+def test_modules_to_save_adapter_loads_frozen_by_default(assets):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pm = policy(assets, sft_adapter=assets["sft_mts"])
+    assert _extra_names(pm, POLICY) and _extra_names(pm, REFERENCE)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable == lora_names(pm, POLICY) | {"value_head.weight", "value_head.bias"}
+    with pm.role(REFERENCE):
+        pass
+    assert {n for n, p in pm.named_parameters() if p.requires_grad} == trainable
+    # The adapter's own lm_head copy is used: the reference equals the SFT adapter loaded by PEFT.
+    b = batch(3)
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["base"], dtype=torch.float32),
+                                    assets["sft_mts"]).eval()
+    pm.eval()
+    with pm.role(REFERENCE):
+        ref_lp = logprobs(pm, b)
+    assert masked_max_diff(ref_lp, hf_logprobs(sft, *b), b[3].float()) < 1e-5
+
+
+def test_modules_to_save_train_when_asked_and_export_plain_lora(assets, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_lit.export import export_adapter
+
+    pm = policy(assets, sft_adapter=assets["sft_mts"], train_extra_modules=True)
+    extra_pol, extra_ref = _extra_names(pm, POLICY), _extra_names(pm, REFERENCE)
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable == lora_names(pm, POLICY) | extra_pol | {"value_head.weight", "value_head.bias"}
+    assert not (trainable & extra_ref)
+    with pm.role(REFERENCE):
+        pass
+    assert {n for n, p in pm.named_parameters() if p.requires_grad} == trainable
+
+    # One optimizer step moves the policy's extra modules and LoRA, never the reference's.
+    params = dict(pm.trainable_named_parameters())
+    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    opt = torch.optim.SGD(params.values(), lr=1.0)
+    pm.train()
+    out = pm(*batch(4), TEMPERATURE)
+    (-(out.logprobs * batch(4)[3]).sum() + out.values.pow(2).sum()).backward()
+    opt.step()
+    after = dict(pm.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in extra_pol)
+    assert all(torch.equal(before[n], after[n]) for n in extra_ref | lora_names(pm, REFERENCE))
+
+    out_dir = export_adapter(pm.peft, POLICY, tmp_path / "export", base_model=assets["base"])
+    assert sorted(p.name for p in out_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    tensors = load_file(out_dir / "adapter_model.safetensors")
+    assert tensors and all("lora_" in k for k in tensors), [k for k in tensors if "lora_" not in k]
+    config = json.loads((out_dir / "adapter_config.json").read_text())
+    assert config["modules_to_save"] is None
+    assert config["base_model_name_or_path"] == assets["base"]
+    # It loads with PEFT, and its LoRA weights are the trained policy's.
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["base"], dtype=torch.float32),
+                                       out_dir)
+    lsd = {k.replace(".default.", "."): v for k, v in loaded.state_dict().items() if "lora_" in k}
+    psd = {k.replace(f".{POLICY}.", "."): v for k, v in pm.peft.state_dict().items() if "lora_" in k and f".{POLICY}." in k}
+    assert lsd.keys() == psd.keys()
+    assert all(torch.equal(lsd[k], psd[k]) for k in lsd)
+    assert not any("modules_to_save" in k for k in loaded.state_dict())
