@@ -12,9 +12,10 @@ from typing import Any, Optional, Sequence
 class RunLog:
     """Writes into the trainer's log folder, on rank 0 only."""
 
-    def __init__(self, trainer) -> None:
+    def __init__(self, trainer, log_dir: Optional[str] = None) -> None:
         self.trainer = trainer
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank reads it exactly once
+        if log_dir is None:
+            log_dir = trainer.log_dir  # a broadcast under DDP: every rank reads it exactly once
         self.dir: Optional[Path] = Path(log_dir) if log_dir and trainer.is_global_zero else None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
