@@ -282,10 +282,10 @@ class TestEvaluator:
 
     def finish(self, module) -> dict[str, float]:
         """Compute the report (all ranks), write it (rank 0), return the headline metrics to log."""
-        from rlhf_lit.run_logging import RunLog
+        from rlhf_lit.run_logging import RunLog, run_dir
 
         trainer = module.trainer
-        log_dir = trainer.log_dir  # a broadcast under DDP: every rank reads it exactly once
+        log_dir = run_dir(trainer)  # a broadcast under DDP: every rank reads it exactly once
         report = self.compute()
         rows = _gather_objects(self.rows)
         report["run"] = run_info(module, report, log_dir)

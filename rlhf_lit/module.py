@@ -35,7 +35,7 @@ from rlhf_lit.policy import (
 from rlhf_lit.ppo import RunningMoments
 from rlhf_lit.rewards.base import RewardBackend
 from rlhf_lit.rollout import HFGenerate, RolloutEngine, SamplingConfig
-from rlhf_lit.run_logging import RunLog
+from rlhf_lit.run_logging import RunLog, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -468,7 +468,7 @@ class PPOModule(LightningModule):
         """Write the policy adapter as a PEFT folder (atomically; rank 0 only)."""
         from rlhf_lit.export import export_adapter
 
-        log_dir = self.trainer.log_dir  # a broadcast: every rank must ask
+        log_dir = run_dir(self.trainer)  # a broadcast: every rank must ask
         if not self.trainer.is_global_zero:
             return None
         if not self.output_dir and not log_dir:

@@ -15,7 +15,7 @@ class RunLog:
     def __init__(self, trainer, log_dir: Optional[str] = None) -> None:
         self.trainer = trainer
         if log_dir is None:
-            log_dir = trainer.log_dir  # a broadcast under DDP: every rank reads it exactly once
+            log_dir = run_dir(trainer)
         self.dir: Optional[Path] = Path(log_dir) if log_dir and trainer.is_global_zero else None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -51,6 +51,14 @@ class RunLog:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(path)
+
+
+def run_dir(trainer) -> Optional[str]:
+    """The run folder, or None for a run without a logger (Lightning then reports the working
+    directory as ``log_dir``, and nothing should land there). ``trainer.log_dir`` is a broadcast
+    under DDP: every rank must call this the same number of times."""
+    log_dir = trainer.log_dir
+    return log_dir if trainer.loggers else None
 
 
 def _cell(text: str) -> str:
