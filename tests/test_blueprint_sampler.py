@@ -191,13 +191,11 @@ def test_gz_input_matches_plain(tmp_path):
     assert a == b
 
 
-def test_parquet_without_pyarrow_says_how_to_install(tmp_path):
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("pyarrow is installed")
+def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    # A None entry in sys.modules makes `import pyarrow` fail, installed or not.
+    for name in [m for m in sys.modules if m == "pyarrow" or m.startswith("pyarrow.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
     f = tmp_path / "bp.parquet"
     f.write_bytes(b"PAR1")
     with pytest.raises(SystemExit, match="pip install pyarrow"):
