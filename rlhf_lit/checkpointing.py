@@ -41,3 +41,18 @@ class RolloutCheckpoint(ModelCheckpoint):
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # A checkpoint taken at an epoch's last batch resumes into an epoch with no batches left and
+        # then trains no further; rewrite last.ckpt once the epoch has ended (even at the same
+        # step) so '--ckpt_path last' continues with the next epoch.
+        # Only when the epoch ran to its last batch: a stop on max_steps mid-epoch keeps the
+        # mid-epoch checkpoint, which resumes exactly where it stopped.
+        epoch_finished = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        if self.save_last and epoch_finished and not self._should_skip_saving_checkpoint_ignoring_step(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _should_skip_saving_checkpoint_ignoring_step(self, trainer) -> bool:
+        return bool(trainer.fast_dev_run or trainer.state.fn != "fit" or trainer.sanity_checking)
+

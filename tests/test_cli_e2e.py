@@ -208,3 +208,14 @@ def test_missing_adapter_folder(tmp_path):
 def test_batch_size_must_divide(tmp_path):
     msg = _fit_error(tmp_path, "--data.batch_size=6", "--model.ppo.num_minibatches=4")
     assert "data.batch_size=6" in msg and "num_minibatches=4" in msg
+
+
+def test_resume_after_a_finished_epoch_trains_the_next_one(tmp_path):
+    """A run resumed from the checkpoint of its last rollout continues with the next epoch."""
+    run_dir = tmp_path / "run"
+    args = fast_args(run_dir, "--data.batch_size=96", "--trainer.limit_val_batches=0", "--model.ppo.ppo_epochs=1",
+                     "--model.sampling.max_new_tokens=4", "--trainer.callbacks.init_args.every_n_rollouts=1")
+    run_cli("fit", *args, "--trainer.max_epochs=1")  # 192 training prompts / 96 = 2 rollouts an epoch
+    assert len(read_metrics(run_dir)) == 2
+    run_cli("fit", *args, "--trainer.max_epochs=2", "--ckpt_path=last")
+    assert [m["rollout"] for m in read_metrics(run_dir)] == [1, 2, 3, 4]
