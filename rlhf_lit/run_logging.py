@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from rlhf_lit.jsonl import write_jsonl_atomic
+
 
 class RunLog:
     """Writes into the trainer's log folder, on rank 0 only."""
@@ -45,12 +47,7 @@ class RunLog:
     def write_test_samples(self, rows: list[dict[str, Any]]) -> None:
         if self.dir is None:
             return
-        path = self.dir / "test_samples.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        write_jsonl_atomic(rows, self.dir / "test_samples.jsonl")
 
 
 def run_dir(trainer) -> Optional[str]:

@@ -58,10 +58,11 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
+
+from rlhf_lit.jsonl import write_jsonl_atomic
 
 EPS = 1e-9
 MAX_REPORTED_REJECTS = 5
@@ -488,26 +489,6 @@ def build_pairs(path: str | os.PathLike, cfg: PairConfig) -> tuple[list[dict], P
             })
     stats.pairs = len(records)
     return records, stats
-
-
-def write_jsonl_atomic(records: Sequence[dict], out: str | os.PathLike) -> None:
-    """Write records as JSONL to a temp file next to ``out`` and rename it into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for r in records:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def split_paths(out: str | os.PathLike) -> dict[str, Path]:

@@ -56,11 +56,12 @@ import os
 import random
 import re
 import sys
-import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
+
+from rlhf_lit.jsonl import write_jsonl_atomic
 
 SPLITS = ("train", "val", "test")
 _ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
@@ -410,26 +411,6 @@ def sample_prompts(inputs: Sequence[str | os.PathLike], cfg: SampleConfig) -> tu
     for s in SPLITS:
         stats.kept[s] = len(reservoirs[s])
     return records, stats
-
-
-def write_jsonl_atomic(records: Sequence[dict], out: str | os.PathLike) -> None:
-    """Write records as JSONL to a temp file next to ``out`` and rename it into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for r in records:
-                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # --------------------------------------------------------------------------------------------
