@@ -29,6 +29,7 @@ from torch import Tensor
 
 from rlhf_lit import ppo
 from rlhf_lit.evaluation import TestEvaluator, check_eval_rewards
+from rlhf_lit.lora_precision import LoraComputeCopies
 from rlhf_lit.policy import (
     POLICY, REFERENCE, PolicyConfig, PolicyModel, ResponseOutput, check_adapter_path, resolve_model_path,
 )
@@ -237,7 +238,7 @@ class PPOModule(LightningModule):
         exist for more than one micro-batch."""
         micro = self.ppo.micro_batch_size or q_ids.shape[0]
         outs = []
-        with self.model.role(role):
+        with self.model.role(role), self.model.lora_compute_copies():
             for s in range(0, q_ids.shape[0], micro):
                 sl = slice(s, s + micro)
                 outs.append(self.model(q_ids[sl], q_mask[sl], r_ids[sl], r_mask[sl], temperature, values, entropy))
@@ -345,55 +346,66 @@ class PPOModule(LightningModule):
     # ---------------------------------------------------------------------------------------
     def ppo_update(self, rollout: ppo.Rollout) -> dict[str, float]:
         """Step 5: epochs x shuffled minibatches of clipped policy and value losses."""
-        cfg, T = self.ppo, self.sampling.temperature
-        opt = self.optimizers()
-        params = [p for _, p in self.model.trainable_named_parameters()]
+        cfg = self.ppo
         B = rollout.query_ids.shape[0]
         mb_size = B // cfg.num_minibatches
-        micro = cfg.micro_batch_size or mb_size
         stats: dict[str, list[float]] = {}
-        early_stop = False
         self.model.train()
-        for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(B, device=self.device)
-            for start in range(0, B, mb_size):
-                mb_idx = perm[start:start + mb_size]
-                n_tokens = rollout.response_mask[mb_idx].sum().clamp(min=1)
-                opt.zero_grad()
-                sums: dict[str, Tensor] = {}
-                for m in range(0, mb_size, micro):
-                    mb = rollout.select(mb_idx[m:m + micro])
-                    new = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, T)
-                    pg = ppo.clipped_policy_loss(new.logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_eps)
-                    vf = ppo.clipped_value_loss(new.values, mb.values, mb.returns, mb.response_mask, cfg.vf_clip_eps)
-                    # Token-weighted share of the minibatch: micro-batching leaves loss and gradients unchanged.
-                    w = mb.response_mask.sum() / n_tokens
-                    loss = (pg.loss + cfg.vf_coef * vf.loss) * w
-                    with self._no_backward_sync():
-                        self.manual_backward(loss)
-                    for k, v in (("loss/policy_avg", pg.loss), ("loss/value_avg", vf.loss),
-                                 ("policy/approxkl_avg", pg.approx_kl), ("policy/clipfrac_avg", pg.clipfrac),
-                                 ("val/clipfrac_avg", vf.clipfrac), ("val/ratio", pg.ratio_mean),
-                                 ("val/ratio_var", pg.ratio_var)):
-                        sums[k] = sums.get(k, 0.0) + v.detach() * w
-                self._all_reduce_gradients(params)
-                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-                opt.step()
-                sums["policy/grad_norm"] = grad_norm.detach()
-                for k, v in sums.items():
-                    stats.setdefault(k, []).append(float(v))
-                if cfg.target_approx_kl is not None and float(sums["policy/approxkl_avg"]) > cfg.target_approx_kl:
-                    early_stop = True
+        with self.model.lora_compute_copies() as lora:
+            for epoch in range(cfg.ppo_epochs):
+                perm = torch.randperm(B, device=self.device)
+                for start in range(0, B, mb_size):
+                    self._minibatch_step(rollout, perm[start:start + mb_size], lora, stats)
+                    if self._kl_stop(stats):
+                        break
+                if self._kl_stop(stats):
                     break
-            if early_stop:
-                break
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         # Before any update the new policy is the old one: this must read 1.0 (a silent-bug check).
         out["val/ratio_first_minibatch"] = stats["val/ratio"][0]
         out["policy/epochs_done"] = float(epoch + 1)
         out["policy/updates"] = float(len(stats["loss/policy_avg"]))
         return out
+
+    def _kl_stop(self, stats: dict[str, list[float]]) -> bool:
+        """Early stop: the last minibatch's approx KL went past ``target_approx_kl``."""
+        target = self.ppo.target_approx_kl
+        return target is not None and bool(stats) and stats["policy/approxkl_avg"][-1] > target
+
+    def _minibatch_step(self, rollout: ppo.Rollout, mb_idx: Tensor, lora: LoraComputeCopies,
+                        stats: dict[str, list[float]]) -> None:
+        """One optimizer step on the minibatch ``mb_idx``, accumulated over micro-batches."""
+        cfg, T = self.ppo, self.sampling.temperature
+        opt = self.optimizers()
+        # The optimizer's parameters: the fp32 masters, whatever the modules hold in ``lora``'s block.
+        params = [p for group in opt.param_groups for p in group["params"]]
+        micro = cfg.micro_batch_size or len(mb_idx)
+        n_tokens = rollout.response_mask[mb_idx].sum().clamp(min=1)
+        opt.zero_grad()
+        sums: dict[str, Tensor] = {}
+        for m in range(0, len(mb_idx), micro):
+            mb = rollout.select(mb_idx[m:m + micro])
+            new = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, T)
+            pg = ppo.clipped_policy_loss(new.logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_eps)
+            vf = ppo.clipped_value_loss(new.values, mb.values, mb.returns, mb.response_mask, cfg.vf_clip_eps)
+            # Token-weighted share of the minibatch: micro-batching leaves loss and gradients unchanged.
+            w = mb.response_mask.sum() / n_tokens
+            loss = (pg.loss + cfg.vf_coef * vf.loss) * w
+            with self._no_backward_sync():
+                self.manual_backward(loss)
+            lora.collect_grads()
+            for k, v in (("loss/policy_avg", pg.loss), ("loss/value_avg", vf.loss),
+                         ("policy/approxkl_avg", pg.approx_kl), ("policy/clipfrac_avg", pg.clipfrac),
+                         ("val/clipfrac_avg", vf.clipfrac), ("val/ratio", pg.ratio_mean),
+                         ("val/ratio_var", pg.ratio_var)):
+                sums[k] = sums.get(k, 0.0) + v.detach() * w
+        self._all_reduce_gradients(params)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+        sums["policy/grad_norm"] = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        opt.step()
+        lora.refresh()
+        for k, v in sums.items():
+            stats.setdefault(k, []).append(float(v))
 
     def _clock(self) -> float:
         """Wall time after the GPU has finished queued work, so phase timings add up."""

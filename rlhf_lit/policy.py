@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_lit import ppo
+from rlhf_lit.head_logprobs import head_logprobs
+from rlhf_lit.lora_precision import LoraComputeCopies, cast_adapter_
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,11 @@ class PolicyModel(nn.Module):
         nn.init.zeros_(self.value_head.bias)
         _disable_dropout(self.peft)
         self._trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        # LoRA products run in the base's half-precision compute dtype (as autocast would run them);
+        # the frozen reference is stored that way, the policy keeps fp32 masters (lora_precision.py).
+        self.lora_compute_dtype = _lora_compute_dtype(config, device)
+        if self.lora_compute_dtype is not None and self.has_reference_adapter:
+            cast_adapter_(self.peft, REFERENCE, self.lora_compute_dtype)
 
     # ---------------------------------------------------------------------------------------
     @staticmethod
@@ -162,6 +169,11 @@ class PolicyModel(nn.Module):
             for n, p in self.named_parameters():
                 p.requires_grad_(flags[n])
 
+    def lora_compute_copies(self) -> LoraComputeCopies:
+        """Context in which the policy LoRA computes from half-precision copies of its fp32 weights
+        (a no-op in fp32); call ``collect_grads()`` after each backward, ``refresh()`` after each step."""
+        return LoraComputeCopies(self.peft, POLICY, self.lora_compute_dtype)
+
     # ---------------------------------------------------------------------------------------
     def forward(
         self,
@@ -176,8 +188,8 @@ class PolicyModel(nn.Module):
         """Log-probs (and values, entropy) of ``response_ids`` given the left-padded prompts.
 
         The decoder runs over prompt + response; the LM head runs only on the R positions that
-        predict response tokens (``h[P-1 : P+R-1]``), never on the prompt, so full-vocabulary
-        logits exist only for ``B x R`` positions of this (micro-)batch.
+        predict response tokens (``h[P-1 : P+R-1]``), never on the prompt, and a plain head runs
+        chunked with the log-softmax, so full-vocabulary logits never exist for the whole batch.
         """
         hf = self.peft.get_base_model()
         input_ids = torch.cat([query_ids, response_ids], dim=1)
@@ -189,9 +201,14 @@ class PolicyModel(nn.Module):
         ).last_hidden_state
         P, R = query_ids.shape[1], response_ids.shape[1]
         h = hidden[:, P - 1 : P + R - 1]
-        logits = hf.get_output_embeddings()(h)
-        out_logprobs = ppo.logprobs_from_logits(logits, response_ids, temperature)
-        out_entropy = ppo.entropy_from_logits(logits, temperature) if entropy else None
+        head = hf.get_output_embeddings()
+        if type(head) is nn.Linear and head.bias is None:
+            # Chunked head + log-softmax: B x R x V logits never exist (rlhf_lit/head_logprobs.py).
+            out_logprobs, out_entropy = head_logprobs(h, head.weight, response_ids, temperature, entropy)
+        else:  # a wrapped head (peft modules_to_save, quantized, biased): plain logits
+            logits = head(h)
+            out_logprobs = ppo.logprobs_from_logits(logits, response_ids, temperature)
+            out_entropy = ppo.entropy_from_logits(logits, temperature) if entropy else None
         out_values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float() if values else None
         return ResponseOutput(out_logprobs, out_values, out_entropy)
 
@@ -201,6 +218,13 @@ def _torch_dtype(config: PolicyConfig, device: torch.device) -> torch.dtype:
     if config.dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, config.dtype)
+
+
+def _lora_compute_dtype(config: PolicyConfig, device: torch.device) -> Optional[torch.dtype]:
+    if config.quantization == "nf4":
+        return torch.bfloat16  # the 4-bit layers' compute dtype
+    dtype = _torch_dtype(config, device)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def _load_base(config: PolicyConfig, device: torch.device):
