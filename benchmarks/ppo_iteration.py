@@ -111,13 +111,23 @@ def _shapes(tiny: bool) -> Shapes:
     return TINY if tiny else FULL
 
 
+VARIANTS = {"ours": ("nockpt", "compile"), "trl": ("asis",)}
+
+
 def _parse_run(name: str) -> tuple[str, str, list[str]]:
-    """``ours-bf16-nockpt`` -> ("ours", "bf16", ["nockpt"])."""
+    """``ours-bf16-nockpt-compile`` -> ("ours", "bf16", ["nockpt", "compile"]).
+
+    Variants: ``nockpt`` (ours: checkpointing off, ``--nockpt-micro-batch``), ``compile`` (ours:
+    ``policy.compile``), ``asis`` (TRL as its users get it: its ignored checkpointing flag left alone)."""
     framework, quantization, *variants = name.split("-")
-    if framework not in ("ours", "trl") or quantization not in ("bf16", "nf4") or \
-            any(v != "nockpt" for v in variants) or (variants and framework != "ours"):
+    if framework not in VARIANTS or quantization not in ("bf16", "nf4") or \
+            any(v not in VARIANTS[framework] for v in variants):
         raise ValueError(f"unknown run {name!r}")
     return framework, quantization, variants
+
+
+def _trl_checkpointing(args, name: str) -> str:
+    return "config" if "asis" in _parse_run(name)[2] else args.trl_checkpointing
 
 
 def _ours_settings(args, name: str) -> tuple[bool, int]:
@@ -230,7 +240,7 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
     ckpt, micro = _ours_settings(args, args.worker)
     profiling = args.worker in _profile_runs(args)
     n_batches = args.iterations + (1 if profiling else 0)  # the profiled iteration comes after the timed ones
-    result.update(gradient_checkpointing=ckpt, micro_batch=micro)
+    result.update(gradient_checkpointing=ckpt, micro_batch=micro, compile="compile" in _parse_run(args.worker)[2])
 
     class Recorder(Callback):
         def on_train_start(self, trainer, pl_module):
@@ -281,7 +291,8 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
     t_start = time.perf_counter()
     module = PPOModule(
         policy=PolicyConfig(base_model=str(a / "base"), sft_adapter=str(a / "sft_adapter"), quantization=quantization,
-                            dtype="bfloat16" if cuda else "float32", gradient_checkpointing=ckpt),
+                            dtype="bfloat16" if cuda else "float32", gradient_checkpointing=ckpt,
+                            compile="compile" in _parse_run(args.worker)[2]),
         reward=RewardModel(model_path=str(a / "reward"), input="chat", batch_size=shapes.batch,
                            dtype="bfloat16" if cuda else "float32", max_length=512),
         ppo=PPOConfig(ppo_epochs=4, num_minibatches=4, micro_batch_size=micro),
@@ -461,7 +472,8 @@ def worker_trl(args, result: dict, quantization: str) -> None:
             self.t0 = time.perf_counter()
 
     result["engine"] = "HF generate (TRL)"
-    result["gradient_checkpointing"] = args.trl_checkpointing
+    trl_ckpt = _trl_checkpointing(args, args.worker)
+    result["gradient_checkpointing"] = trl_ckpt
     result["micro_batch"] = shapes.micro_batch
     t_start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(a / "base")
@@ -479,7 +491,7 @@ def worker_trl(args, result: dict, quantization: str) -> None:
     # TRL 1.12's PPOTrainer never calls gradient_checkpointing_enable: PPOConfig(gradient_checkpointing=True),
     # its default, is silently ignored. "model" enables it on the policy (the workload asks for it);
     # "config" runs TRL as its users get it (no checkpointing in fact).
-    if args.trl_checkpointing == "model":
+    if trl_ckpt == "model":
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cls_kw = dict(dtype=dtype, num_labels=1)
     reward_model = AutoModelForSequenceClassification.from_pretrained(a / "reward", **cls_kw)
@@ -588,6 +600,7 @@ def table(results: dict) -> str:
         iters = r.get("iterations", [])
         ck = r.get("gradient_checkpointing")
         cm = "-" if ck is None else f"{'on' if ck in (True, 'model') else 'off'} / {r.get('micro_batch', '-')}"
+        cm += " / compiled" if r.get("compile") else ""
         if not iters:
             err = str(r.get("error", "failed")).replace("|", "/").replace("\n", " ")[:160]
             rows.append(f"| {name} | {r.get('engine', '-')} | {cm} | failed | | | | | | "
@@ -612,9 +625,13 @@ def table(results: dict) -> str:
 
 def ratios(results: dict) -> dict:
     out = {}
-    trl = results.get("trl-bf16", {})
-    trl_t = _steady(trl["iterations"]).get("iteration_s") if _usable(trl) else None
-    trl_m = trl.get("peak_gib") if _usable(trl) else None
+    measured = {}  # label -> (s / iteration, peak GiB) of a TRL bf16 run made in this call
+    for label, run in (("vs_trl_measured", "trl-bf16"), ("vs_trl_asis", "trl-bf16-asis")):
+        trl = results.get(run, {})
+        if _usable(trl):
+            measured[label] = (_steady(trl["iterations"]).get("iteration_s"), trl.get("peak_gib"))
+    baselines = list(measured.items()) + [
+        ("vs_trl_notes", (TRL_NOTES_BASELINE["iteration_s"], TRL_NOTES_BASELINE["peak_gib"]))]
     for name in [n for n in results if n.startswith("ours-")]:
         r = results.get(name, {})
         if not _usable(r):
@@ -627,8 +644,7 @@ def ratios(results: dict) -> dict:
                 out[f"{name}/speedup_vs_trl_same_precision"] = qt / t
             if qm and m:
                 out[f"{name}/memory_fraction_vs_trl_same_precision"] = m / qm
-        for label, base_t, base_m in (("vs_trl_measured", trl_t, trl_m),
-                                      ("vs_trl_notes", TRL_NOTES_BASELINE["iteration_s"], TRL_NOTES_BASELINE["peak_gib"])):
+        for label, (base_t, base_m) in baselines:
             if base_t and t:
                 out[f"{name}/speedup_{label}"] = base_t / t
             if base_m and m:

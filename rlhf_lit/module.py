@@ -351,7 +351,7 @@ class PPOModule(LightningModule):
         mb_size = B // cfg.num_minibatches
         stats: dict[str, list[float]] = {}
         self.model.train()
-        with self.model.lora_compute_copies() as lora:
+        with self.model.lora_compute_copies() as lora, self.model.compiled():
             for epoch in range(cfg.ppo_epochs):
                 perm = torch.randperm(B, device=self.device)
                 for start in range(0, B, mb_size):

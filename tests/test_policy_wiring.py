@@ -418,3 +418,35 @@ def test_modules_to_save_train_when_asked_and_export_plain_lora(assets, tmp_path
     assert lsd.keys() == psd.keys()
     assert all(torch.equal(lsd[k], psd[k]) for k in lsd)
     assert not any("modules_to_save" in k for k in loaded.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# policy.compile: the update's layers compiled, the same numbers as eager
+# ---------------------------------------------------------------------------------------------
+def test_compiled_layers_give_eager_gradients_and_compile_once(assets):
+    from torch._dynamo.utils import counters
+
+    pm = policy(assets, compile=True, gradient_checkpointing=True)
+    pm.train()
+
+    def grads(seed):
+        pm.zero_grad(set_to_none=True)
+        q, qm, r, rm = batch(seed)
+        out = pm(q, qm, r, rm, TEMPERATURE)
+        ((out.logprobs * rm).sum() + (out.values * rm).square().sum()).backward()
+        return {n: p.grad.clone() for n, p in pm.trainable_named_parameters()}
+
+    eager = grads(0)
+    torch._dynamo.reset()
+    counters.clear()
+    with pm.compiled():
+        layers = pm.peft.get_base_model().get_decoder().layers
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+        compiled = grads(0)
+        frames = counters["stats"]["unique_graphs"]
+        grads(1)  # same shapes, other data: no new graph
+        assert counters["stats"]["unique_graphs"] == frames >= 1
+    assert all(layer._compiled_call_impl is None for layer in layers)  # eager again outside the block
+    for n in eager:
+        torch.testing.assert_close(compiled[n], eager[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert any(float(g.abs().max()) > 0 for g in eager.values())
