@@ -111,14 +111,14 @@ def _shapes(tiny: bool) -> Shapes:
     return TINY if tiny else FULL
 
 
-VARIANTS = {"ours": ("nockpt", "compile"), "trl": ("asis",)}
+VARIANTS = {"ours": ("nockpt", "compile", "offload"), "trl": ("asis",)}
 
 
 def _parse_run(name: str) -> tuple[str, str, list[str]]:
     """``ours-bf16-nockpt-compile`` -> ("ours", "bf16", ["nockpt", "compile"]).
 
     Variants: ``nockpt`` (ours: checkpointing off, ``--nockpt-micro-batch``), ``compile`` (ours:
-    ``policy.compile``), ``asis`` (TRL as its users get it: its ignored checkpointing flag left alone)."""
+    ``policy.compile``), ``offload`` (ours: the reward model's ``offload``), ``asis`` (TRL as its users get it: its ignored checkpointing flag left alone)."""
     framework, quantization, *variants = name.split("-")
     if framework not in VARIANTS or quantization not in ("bf16", "nf4") or \
             any(v not in VARIANTS[framework] for v in variants):
@@ -240,7 +240,9 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
     ckpt, micro = _ours_settings(args, args.worker)
     profiling = args.worker in _profile_runs(args)
     n_batches = args.iterations + (1 if profiling else 0)  # the profiled iteration comes after the timed ones
-    result.update(gradient_checkpointing=ckpt, micro_batch=micro, compile="compile" in _parse_run(args.worker)[2])
+    variants = _parse_run(args.worker)[2]
+    result.update(gradient_checkpointing=ckpt, micro_batch=micro, compile="compile" in variants,
+                  reward_offload="offload" in variants)
 
     class Recorder(Callback):
         def on_train_start(self, trainer, pl_module):
@@ -273,6 +275,7 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
                 "update_s": m.get("time/update_s"),
                 "tokens_per_sec": m.get("perf/tokens_per_sec"),
                 "peak_gib": _peak_gib(),
+                "peak_rollout_gib": m.get("perf/peak_mem_rollout_gb"),
                 "response_length": m.get("response/length_mean"),
                 "ratio_first_minibatch": m.get("val/ratio_first_minibatch"),
                 "loss_policy": m.get("loss/policy_avg"),
@@ -294,7 +297,8 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
                             dtype="bfloat16" if cuda else "float32", gradient_checkpointing=ckpt,
                             compile="compile" in _parse_run(args.worker)[2]),
         reward=RewardModel(model_path=str(a / "reward"), input="chat", batch_size=shapes.batch,
-                           dtype="bfloat16" if cuda else "float32", max_length=512),
+                           dtype="bfloat16" if cuda else "float32", max_length=512,
+                           offload="offload" in _parse_run(args.worker)[2]),
         ppo=PPOConfig(ppo_epochs=4, num_minibatches=4, micro_batch_size=micro),
         sampling=SamplingConfig(max_new_tokens=shapes.new_tokens, min_new_tokens=shapes.new_tokens, temperature=0.7),
         rollout_engine=args.engine,
@@ -455,6 +459,7 @@ def worker_trl(args, result: dict, quantization: str) -> None:
                 "update_s": t - upd,
                 "tokens_per_sec": n_tokens / phase["gen"] if phase["gen"] else None,
                 "peak_gib": _peak_gib(),
+                "peak_rollout_gib": m.get("perf/peak_mem_rollout_gb"),
             }
             logs = [h for h in state.log_history if "val/ratio" in h]
             if logs:
@@ -601,6 +606,7 @@ def table(results: dict) -> str:
         ck = r.get("gradient_checkpointing")
         cm = "-" if ck is None else f"{'on' if ck in (True, 'model') else 'off'} / {r.get('micro_batch', '-')}"
         cm += " / compiled" if r.get("compile") else ""
+        cm += " / reward offloaded" if r.get("reward_offload") else ""
         if not iters:
             err = str(r.get("error", "failed")).replace("|", "/").replace("\n", " ")[:160]
             rows.append(f"| {name} | {r.get('engine', '-')} | {cm} | failed | | | | | | "

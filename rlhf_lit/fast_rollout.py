@@ -35,10 +35,11 @@ sampling. Every projection goes through the model's own modules, looked up when 
   therefore always seen, without re-capture. DoRA and other variants, LoRA biases, or
   ``lora="module"`` call the peft module as a black box (exact peft numerics, ~3 more launches per
   projection);
-* q/k/v with plain ``nn.Linear`` bases (``fuse_qkv=True``) run as ONE GEMM over a side-by-side
-  copy of their weights and biases (and one block-diagonal LoRA ``B``), refreshed at the start of
-  every call like the LoRA factors: +0.9 GB for a 7B model while the engine holds its state, and
-  RoPE then runs on q and k in one pass (-0.7 ms/step at batch 64 on an H100);
+* q/k/v with plain ``nn.Linear`` bases (``fuse_qkv=True``) run as ONE GEMM: the first plan moves
+  their weights and biases into one side-by-side buffer and leaves the modules' parameters as views
+  of it (no copy, no extra memory; the model computes exactly as before), with one block-diagonal
+  LoRA ``B`` copied per call; RoPE then runs on q and k in one pass (-0.7 ms/step at batch 64 on an
+  H100);
 * every other base weight, bias and norm weight is read where it lives, so in-place updates of
   those are seen by replays too.
 
@@ -64,7 +65,7 @@ changes: batch size, prompt bucket, ``max_new_tokens``, any sampling knob, stop 
 or log-prob mode; the model object, its adapter state (active adapters, ``disable_adapter()``,
 merged) or the storage of any parameter (``model.to(...)``, a parameter replaced rather than
 updated in place). Only one capture (and its cache) is kept: ``release()`` frees the graph, the KV
-cache and the weight/LoRA copies so the PPO update phase gets the memory back; the next ``generate``
+cache and the LoRA copies so the PPO update phase gets the memory back; the next ``generate``
 re-captures.
 
 The same code runs eagerly (no graph) on CPU or with ``use_cuda_graph=False``, which is how it is
@@ -223,31 +224,38 @@ class _Group:
 
 
 class _FusedLinear:
-    """Plain-Linear projections reading one input (q/k/v) as ONE GEMM: their weights and biases
-    are copied side by side, and their LoRA ``B`` factors into one block-diagonal matrix, at the
-    start of every ``generate`` call (so in-place updates of either are seen). Costs a copy of the
-    q/k/v weights (0.9 GB for a 7B model) while the engine holds its state."""
+    """Plain-Linear projections reading one input (q/k/v) as ONE GEMM over the model's own weights.
+
+    The first plan moves their weights (and biases, when all have one) into one side-by-side buffer
+    and makes the modules' parameters views of it: the training forward and the fused GEMM read the
+    same memory, so there is no copy to refresh and no extra memory (a copy would cost 0.9 GB for a
+    7B model during every rollout). Later plans find the buffer and reuse it. Only the LoRA ``B``
+    factors are copied, into one block-diagonal matrix, at every call."""
 
     def __init__(self, projs: Sequence[_Proj], group: _Group, dtype: torch.dtype, device: torch.device):
         self.projs = list(projs)
         self.sizes = [p.base.weight.shape[0] for p in self.projs]
-        n, k = sum(self.sizes), self.projs[0].base.weight.shape[1]
-        self.W = torch.empty(n, k, dtype=dtype, device=device)
-        has_bias = any(p.base.bias is not None for p in self.projs)
-        self.b = torch.zeros(n, dtype=dtype, device=device) if has_bias else None
+        n = sum(self.sizes)
+        self.W = _shared_rows(self.projs[0].base, "weight", [p.base.weight for p in self.projs])
+        biases = [p.base.bias for p in self.projs]
+        if all(b is not None for b in biases):
+            self.b, self._copy_bias = _shared_rows(self.projs[0].base, "bias", biases), False
+        else:  # some have a bias: zeros for the others, copied every call
+            has_bias = any(b is not None for b in biases)
+            self.b = torch.zeros(n, dtype=dtype, device=device) if has_bias else None
+            self._copy_bias = has_bias
         self.Bd = None if group.A is None else torch.zeros(n, group.A.shape[0], dtype=dtype, device=device)
 
     @staticmethod
     def applies(projs: Sequence[_Proj], dtype: torch.dtype) -> bool:
         return all(p.kind == "linear" and p.base.weight.dtype == dtype for p in projs) and (
-            len({p.base.weight.shape[1] for p in projs}) == 1
+            len({p.base.weight.shape[1:] for p in projs}) == 1
         )
 
     def refresh(self) -> None:
         off = 0
         for p, n in zip(self.projs, self.sizes):
-            self.W[off:off + n].copy_(p.base.weight)
-            if self.b is not None and p.base.bias is not None:
+            if self._copy_bias and p.base.bias is not None:
                 self.b[off:off + n].copy_(p.base.bias)
             if self.Bd is not None and p.B is not None:
                 self.Bd[off:off + n, p.a0:p.a1].copy_(p.B)
@@ -258,6 +266,38 @@ class _FusedLinear:
         if self.Bd is not None:
             y.addmm_(a, self.Bd.t())
         return y
+
+
+def _shared_rows(owner: nn.Module, kind: str, params: Sequence[Tensor]) -> Tensor:
+    """One tensor whose consecutive row blocks are ``params``, which become views of it.
+
+    The tensor is remembered on ``owner`` and reused while every parameter still views it (a
+    ``model.to(...)`` or a replaced parameter breaks that: the parameters are then moved again)."""
+    attr = f"_rlhf_lit_fused_{kind}"
+    buf = getattr(owner, attr, None)
+    if buf is not None and _views_rows_of(buf, params):
+        return buf
+    buf = torch.empty((sum(p.shape[0] for p in params), *params[0].shape[1:]), dtype=params[0].dtype,
+                      device=params[0].device)
+    off = 0
+    with torch.no_grad():
+        for p in params:
+            n = p.shape[0]
+            buf[off:off + n].copy_(p)
+            p.data = buf[off:off + n]  # the old storage is freed here, block by block
+            off += n
+    setattr(owner, attr, buf)
+    return buf
+
+
+def _views_rows_of(buf: Tensor, params: Sequence[Tensor]) -> bool:
+    off = 0
+    for p in params:
+        n = p.shape[0]
+        if off + n > buf.shape[0] or p.data_ptr() != buf[off].data_ptr() or p.shape != buf[off:off + n].shape:
+            return False
+        off += n
+    return off == buf.shape[0]
 
 
 @dataclass
@@ -425,9 +465,8 @@ class StaticCudaGraphGenerate(RolloutEngine):
             ``last_logprobs`` (``(B, R)``, 0 after the stop).
         seed: seed of a private generator (``None``: the global CUDA/CPU generator).
         check_every: steps between host checks for "all rows finished".
-        fuse_qkv: run q/k/v (plain Linear bases) as one GEMM on a copy of their weights, refreshed
-            every call (+0.9 GB for a 7B model, freed by ``release``); RoPE then runs on q and k
-            at once.
+        fuse_qkv: run q/k/v (plain Linear bases) as one GEMM; their parameters become views of
+            one side-by-side buffer (no extra memory); RoPE then runs on q and k at once.
     """
 
     def __init__(

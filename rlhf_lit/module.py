@@ -304,6 +304,8 @@ class PPOModule(LightningModule):
         pol = self._forward_batched(POLICY, q_ids, q_mask, r_ids, r_mask, T, values=True, entropy=True)
         ref = self._forward_batched(REFERENCE, q_ids, q_mask, r_ids, r_mask, T)
         timings["time/ref_values_s"] = self._clock() - t
+        if self.device.type == "cuda":  # the experience phases (sampling, scoring, evaluation) alone
+            timings["perf/peak_mem_rollout_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
 
         mask = r_mask & valid.unsqueeze(-1)  # unscored samples get no update
         logprobs = pol.logprobs * r_mask
@@ -360,6 +362,7 @@ class PPOModule(LightningModule):
                         break
                 if self._kl_stop(stats):
                     break
+        self.optimizers().zero_grad(set_to_none=True)  # no gradients held through the next rollout
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         # Before any update the new policy is the old one: this must read 1.0 (a silent-bug check).
         out["val/ratio_first_minibatch"] = stats["val/ratio"][0]
@@ -445,6 +448,8 @@ class PPOModule(LightningModule):
         self._run_log = RunLog(self.trainer)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.device.type == "cuda":  # perf/peak_mem_* are this iteration's peaks
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = self._clock()
         rollout, metrics, texts = self.make_rollout(batch)
         t = self._clock()

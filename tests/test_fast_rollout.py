@@ -7,7 +7,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
-from rlhf_lit.fast_rollout import StaticCudaGraphGenerate, UnsupportedModelError, filter_logits, sample_from_logits
+from rlhf_lit.fast_rollout import (
+    StaticCudaGraphGenerate, UnsupportedModelError, _unwrap, filter_logits, sample_from_logits,
+)
 from rlhf_lit.rollout import SamplingConfig
 
 PAD = 0
@@ -272,6 +274,30 @@ def test_inplace_lora_update_is_seen():
     assert eng.num_setups == 1
     assert not torch.equal(before, after)
     assert_greedy_close(model, ids, mask, after, hf_greedy(model, ids, mask, 16))
+
+
+def test_fused_qkv_reads_the_model_weights_without_a_copy():
+    model = tiny_lm("qwen2", seed=16, lora_b_std=0.1)
+    ids, mask = left_padded([8, 6], 8, 128)
+    eng = StaticCudaGraphGenerate(greedy=True)
+    eng.generate(model, ids, mask, sampling(12), [], PAD)
+    fq = eng._plan.layers[0].fqkv
+    attn = _unwrap(model).model.layers[0].self_attn
+    qkv = [getattr(attn, n).base_layer for n in ("q_proj", "k_proj", "v_proj")]
+    rows = [0, qkv[0].weight.shape[0], qkv[0].weight.shape[0] + qkv[1].weight.shape[0]]
+    assert [lin.weight.data_ptr() for lin in qkv] == [fq.W[r].data_ptr() for r in rows]  # views, no copy
+    assert [lin.bias.data_ptr() for lin in qkv] == [fq.b[r].data_ptr() for r in rows]
+    eng.release()
+    eng.generate(model, ids, mask, sampling(12), [], PAD)
+    assert eng._plan.layers[0].fqkv.W is fq.W  # a new plan finds the buffer: nothing moved again
+    with torch.no_grad():
+        qkv[1].weight.add_(torch.randn_like(qkv[1].weight) * 0.5)  # in place: the fused GEMM sees it
+    assert_greedy_close(model, ids, mask, eng.generate(model, ids, mask, sampling(12), [], PAD),
+                        hf_greedy(model, ids, mask, 12))
+    qkv[2].weight = torch.nn.Parameter(qkv[2].weight.detach() * 1.5)  # replaced: a new plan moves them again
+    out = eng.generate(model, ids, mask, sampling(12), [], PAD)
+    assert eng._plan.layers[0].fqkv.W is not fq.W
+    assert_greedy_close(model, ids, mask, out, hf_greedy(model, ids, mask, 12))
 
 
 def test_static_state_reused_per_bucket_and_released():

@@ -224,3 +224,30 @@ def test_head_logprobs_on_cuda_match_the_logits_path():
     gh, = torch.autograd.grad(out.logprobs.sum(), h)
     rh, = torch.autograd.grad(ref.sum(), h)
     torch.testing.assert_close(gh.float(), rh.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["reward_model", "detoxify"])
+def test_offloaded_reward_scores_alike_and_leaves_the_gpu(backend, tmp_path):
+    from rlhf_lit.rewards import Detoxify, RewardModel
+    from rlhf_lit.rewards.testing import build_detoxify_checkpoint, build_sequence_classifier
+
+    texts = ["you are a stupid idiot", "what a lovely day", "no", "news today, read it"] * 4
+    if backend == "reward_model":
+        folder = str(build_sequence_classifier(tmp_path, labels=("negative", "positive")))
+        make = lambda offload: RewardModel(folder, label="positive", offload=offload)  # noqa: E731
+    else:
+        ckpt, hf = build_detoxify_checkpoint(tmp_path)
+        make = lambda offload: Detoxify(checkpoint=str(ckpt), huggingface_config_path=str(hf), offload=offload)  # noqa: E731
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    resident, offloaded = make(False), make(True)
+    resident.setup("cuda")
+    held = torch.cuda.memory_allocated() - base
+    offloaded.setup("cuda")
+    assert torch.cuda.memory_allocated() - base == held  # the offloaded copy holds no GPU memory at rest
+    expected = resident([""] * len(texts), texts).scores
+    got = offloaded([""] * len(texts), texts).scores
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - base == held  # and none after scoring
+    assert held > 0

@@ -114,3 +114,14 @@ def test_chat_input(clf, tmp_path):
         ref = model(**tok(chats, add_special_tokens=False, return_tensors="pt", padding=True)).logits[:, 0]
     out = RewardModel(str(tmp_path), input="chat")(PROMPTS, RESPONSES).scores
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_offload_is_a_no_op_on_the_cpu_and_pickles(clf):
+    import pickle
+
+    plain, offloaded = RewardModel(clf, label=1), RewardModel(clf, label=1, offload=True)
+    for rm in (plain, offloaded):
+        rm.setup("cpu")
+    torch.testing.assert_close(offloaded(PROMPTS, RESPONSES).scores, plain(PROMPTS, RESPONSES).scores)
+    clone = pickle.loads(pickle.dumps(offloaded))
+    torch.testing.assert_close(clone(PROMPTS, RESPONSES).scores, plain(PROMPTS, RESPONSES).scores)

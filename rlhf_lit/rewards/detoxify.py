@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 from .base import RewardBackend, RewardOutput
+from .offload import HostOffload
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class Detoxify(RewardBackend):
         include_prompt: Score ``prompt + "\\n" + response`` instead of the response alone.
         device: Device for the classifier; None uses the trainer's device given to ``setup``;
             ``cpu`` forces the CPU (keeps the GPU for the policy).
+        offload: On a GPU, keep the classifier's weights in pinned CPU memory and copy them to the GPU
+            only while scoring (about 0.05 s per GB each rollout): the policy gets that memory.
         batch_size: Texts per forward pass (Detoxify itself does no batching).
         max_length: Inputs are truncated to this many tokens.
         checkpoint: Local Detoxify ``.ckpt`` file (trusted files only: it is unpickled). None
@@ -70,6 +74,7 @@ class Detoxify(RewardBackend):
         attributes: Union[str, dict[str, float]] = "toxicity",
         include_prompt: bool = False,
         device: Optional[str] = None,
+        offload: bool = False,
         batch_size: int = 32,
         max_length: int = 512,
         checkpoint: Optional[str] = None,
@@ -108,11 +113,13 @@ class Detoxify(RewardBackend):
         self.weights = weights
         self.include_prompt = bool(include_prompt)
         self.device_option = device
+        self.offload = bool(offload)
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.checkpoint = checkpoint
         self.huggingface_config_path = huggingface_config_path
         self._detox: Any = None  # a detoxify.Detoxify, loaded lazily
+        self._on_device: Any = contextlib.nullcontext()  # a HostOffload with offload on a GPU
         self.class_names: Optional[list[str]] = None
 
     # ------------------------------------------------------------------ loading
@@ -222,7 +229,10 @@ class Detoxify(RewardBackend):
                 f"({self.checkpoint or self.model_type}) has keys {class_names}"
             )
         device = self._target_device()
-        model.to(device).eval()
+        if self.offload and device.type == "cuda":
+            self._on_device = HostOffload(model.eval(), device)
+        else:
+            model.to(device).eval()
         # Detoxify.predict truncates to tokenizer.model_max_length: never beyond what the model can embed.
         limits = [self.max_length, int(getattr(model.config, "max_position_embeddings", 0) or 10**9)]
         if getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
@@ -244,9 +254,10 @@ class Detoxify(RewardBackend):
         self._load()
         texts = [p + "\n" + r for p, r in zip(prompts, responses)] if self.include_prompt else list(responses)
         per_attr: dict[str, list[float]] = {a: [] for a in self.weights}
-        for i in range(0, len(texts), self.batch_size):
-            chunk = texts[i : i + self.batch_size]
-            result = self._detox.predict(chunk)
+        with self._on_device:
+            results = [(chunk, self._detox.predict(chunk))
+                       for chunk in (texts[i : i + self.batch_size] for i in range(0, len(texts), self.batch_size))]
+        for chunk, result in results:
             for a in per_attr:
                 v = result[a]
                 v = v if isinstance(v, list) else [v]  # Detoxify returns a float for a one-item list
@@ -264,4 +275,5 @@ class Detoxify(RewardBackend):
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_detox"] = None  # reloaded lazily
+        state["_on_device"] = contextlib.nullcontext()
         return state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -9,6 +10,7 @@ from typing import Any, Literal, Optional, Union
 import torch
 
 from .base import RewardBackend, RewardOutput
+from .offload import HostOffload
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,8 @@ class RewardModel(RewardBackend):
             response (the token a causal-LM reward model reads).
         device: Device of the classifier; None uses the trainer's device given to ``setup``; ``cpu``
             forces the CPU.
+        offload: On a GPU, keep the weights in pinned CPU memory and copy them to the GPU only while
+            scoring (about 0.05 s per GB each rollout): the policy's rollout and update get that memory.
         dtype: Weights dtype: float32, bfloat16, float16, or auto (the checkpoint's).
         trust_remote_code: Allow code shipped in the model folder to run. Off by default: only turn it
             on for folders you trust.
@@ -58,6 +62,7 @@ class RewardModel(RewardBackend):
         max_length: int = 512,
         truncation_side: Literal["right", "left"] = "right",
         device: Optional[str] = None,
+        offload: bool = False,
         dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
         trust_remote_code: bool = False,
         scale: float = 1.0,
@@ -87,10 +92,13 @@ class RewardModel(RewardBackend):
         self.max_length = int(max_length)
         self.truncation_side = truncation_side
         self.device_option = device
+        self.offload = bool(offload)
         self.dtype = dtype
         self.trust_remote_code = bool(trust_remote_code)
         self._model: Any = None
         self._tokenizer: Any = None
+        self._device = torch.device("cpu")
+        self._on_device: Any = contextlib.nullcontext()  # a HostOffload with offload on a GPU
         self.label_index: Optional[int] = None
 
     def setup(self, device) -> None:
@@ -152,8 +160,11 @@ class RewardModel(RewardBackend):
             model.config.pad_token_id = tok.pad_token_id  # causal-LM classifiers find the last token with it
         tok.truncation_side = self.truncation_side
         device = torch.device(self.device_option) if self.device_option else self.device
-        model.to(device).eval()
-        self._model, self._tokenizer = model, tok
+        if self.offload and device.type == "cuda":
+            self._on_device = HostOffload(model.eval(), device)
+        else:
+            model.to(device).eval()
+        self._model, self._tokenizer, self._device = model, tok, device
 
     def _encode(self, prompts: list[str], responses: list[str]):
         tok = self._tokenizer
@@ -176,19 +187,24 @@ class RewardModel(RewardBackend):
     def score(self, prompts: list[str], responses: list[str]) -> RewardOutput:
         self._load()
         out = []
-        for i in range(0, len(responses), self.batch_size):
-            enc = self._encode(prompts[i : i + self.batch_size], responses[i : i + self.batch_size])
-            logits = self._model(**enc.to(self._model.device)).logits.float()
-            if self.transform == "softmax":
-                logits = logits.softmax(-1)
-            elif self.transform == "sigmoid":
-                logits = logits.sigmoid()
-            out.append(logits[:, self.label_index].cpu())
+        with self._on_device:
+            for i in range(0, len(responses), self.batch_size):
+                out.append(self._score_batch(prompts[i : i + self.batch_size], responses[i : i + self.batch_size]))
         scores = torch.cat(out) if out else torch.zeros(0)
         n = len(responses)
         return RewardOutput(scores, torch.ones(n, dtype=torch.bool), {self.name: scores.clone()}, {})
 
+    @torch.no_grad()
+    def _score_batch(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        enc = self._encode(prompts, responses)
+        logits = self._model(**enc.to(self._device)).logits.float()
+        if self.transform == "softmax":
+            logits = logits.softmax(-1)
+        elif self.transform == "sigmoid":
+            logits = logits.sigmoid()
+        return logits[:, self.label_index].cpu()
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(_model=None, _tokenizer=None)
+        state.update(_model=None, _tokenizer=None, _on_device=contextlib.nullcontext())
         return state
