@@ -459,7 +459,6 @@ def worker_trl(args, result: dict, quantization: str) -> None:
                 "update_s": t - upd,
                 "tokens_per_sec": n_tokens / phase["gen"] if phase["gen"] else None,
                 "peak_gib": _peak_gib(),
-                "peak_rollout_gib": m.get("perf/peak_mem_rollout_gb"),
             }
             logs = [h for h in state.log_history if "val/ratio" in h]
             if logs:

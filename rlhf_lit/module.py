@@ -351,7 +351,7 @@ class PPOModule(LightningModule):
         cfg = self.ppo
         B = rollout.query_ids.shape[0]
         mb_size = B // cfg.num_minibatches
-        stats: dict[str, list[float]] = {}
+        stats: dict[str, list[Tensor]] = {}
         self.model.train()
         with self.model.lora_compute_copies() as lora, self.model.compiled():
             for epoch in range(cfg.ppo_epochs):
@@ -363,6 +363,9 @@ class PPOModule(LightningModule):
                 if self._kl_stop(stats):
                     break
         self.optimizers().zero_grad(set_to_none=True)  # no gradients held through the next rollout
+        # One device-to-host copy for all statistics: no sync inside the loop, so the host queues
+        # the next minibatch while the GPU finishes this one.
+        stats = {k: torch.stack(v).tolist() for k, v in stats.items()}
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         # Before any update the new policy is the old one: this must read 1.0 (a silent-bug check).
         out["val/ratio_first_minibatch"] = stats["val/ratio"][0]
@@ -370,13 +373,13 @@ class PPOModule(LightningModule):
         out["policy/updates"] = float(len(stats["loss/policy_avg"]))
         return out
 
-    def _kl_stop(self, stats: dict[str, list[float]]) -> bool:
-        """Early stop: the last minibatch's approx KL went past ``target_approx_kl``."""
+    def _kl_stop(self, stats: dict[str, list[Tensor]]) -> bool:
+        """Early stop: the last minibatch's approx KL went past ``target_approx_kl`` (a sync, only when set)."""
         target = self.ppo.target_approx_kl
-        return target is not None and bool(stats) and stats["policy/approxkl_avg"][-1] > target
+        return target is not None and bool(stats) and float(stats["policy/approxkl_avg"][-1]) > target
 
     def _minibatch_step(self, rollout: ppo.Rollout, mb_idx: Tensor, lora: LoraComputeCopies,
-                        stats: dict[str, list[float]]) -> None:
+                        stats: dict[str, list[Tensor]]) -> None:
         """One optimizer step on the minibatch ``mb_idx``, accumulated over micro-batches."""
         cfg, T = self.ppo, self.sampling.temperature
         opt = self.optimizers()
@@ -408,7 +411,7 @@ class PPOModule(LightningModule):
         opt.step()
         lora.refresh()
         for k, v in sums.items():
-            stats.setdefault(k, []).append(float(v))
+            stats.setdefault(k, []).append(v.detach().float().reshape(()))
 
     def _clock(self) -> float:
         """Wall time after the GPU has finished queued work, so phase timings add up."""

@@ -245,9 +245,11 @@ def test_offloaded_reward_scores_alike_and_leaves_the_gpu(backend, tmp_path):
     held = torch.cuda.memory_allocated() - base
     offloaded.setup("cuda")
     assert torch.cuda.memory_allocated() - base == held  # the offloaded copy holds no GPU memory at rest
-    expected = resident([""] * len(texts), texts).scores
+    expected = resident([""] * len(texts), texts).scores  # also warms cuBLAS (its workspace is allocated)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
     got = offloaded([""] * len(texts), texts).scores
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     torch.cuda.synchronize()
-    assert torch.cuda.memory_allocated() - base == held  # and none after scoring
+    assert torch.cuda.memory_allocated() == before  # the weights left the GPU after scoring
     assert held > 0
