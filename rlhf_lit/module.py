@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
@@ -49,9 +49,11 @@ class PPOConfig:
     """Passes over each rollout batch."""
     num_minibatches: int = 4
     """Minibatches per epoch (one optimizer step each); must divide the rollout batch."""
-    micro_batch_size: Optional[int] = None
+    micro_batch_size: Union[int, Literal["auto"], None] = None
     """Sequences per forward/backward inside a minibatch (gradient accumulation); None = the whole
-    minibatch. Lower it to save memory: losses and gradients are the same."""
+    minibatch. Lower it to save memory: losses and gradients are the same. ``auto``: the largest
+    divisor of the minibatch whose activations fit in 80% of the GPU's free memory, measured with
+    one sequence at the first update (on the CPU: the whole minibatch)."""
     clip_eps: float = 0.2
     """Policy ratio clip epsilon."""
     vf_clip_eps: float = 0.2
@@ -174,6 +176,7 @@ class PPOModule(LightningModule):
         self.score_moments = RunningMoments()
         self.rollouts_done = 0
         self._pending_rng: Optional[dict] = None
+        self._auto_micro: Optional[int] = None  # micro_batch_size: auto, measured at the first update
         self._run_log: Optional[RunLog] = None
 
     def _check_batch_shapes(self) -> None:
@@ -181,7 +184,9 @@ class PPOModule(LightningModule):
         if B % n:
             raise ValueError(f"data.batch_size={B} is not divisible by model.ppo.num_minibatches={n}")
         mb, micro = B // n, self.ppo.micro_batch_size
-        if micro is not None and (micro < 1 or mb % micro):
+        if micro == "auto":
+            return
+        if micro is not None and (isinstance(micro, str) or micro < 1 or mb % micro):
             raise ValueError(f"model.ppo.micro_batch_size={micro} must divide the minibatch size {mb} "
                              f"(= data.batch_size {B} / num_minibatches {n})")
 
@@ -236,7 +241,7 @@ class PPOModule(LightningModule):
     def _forward_batched(self, role: str, q_ids, q_mask, r_ids, r_mask, temperature, values=False, entropy=False):
         """Run the model over the batch in micro-batches (no grad): full-vocabulary logits never
         exist for more than one micro-batch."""
-        micro = self.ppo.micro_batch_size or q_ids.shape[0]
+        micro = self._micro_batch(q_ids.shape[0])
         outs = []
         with self.model.role(role), self.model.lora_compute_copies():
             for s in range(0, q_ids.shape[0], micro):
@@ -354,6 +359,8 @@ class PPOModule(LightningModule):
         stats: dict[str, list[Tensor]] = {}
         self.model.train()
         with self.model.lora_compute_copies() as lora, self.model.compiled():
+            if cfg.micro_batch_size == "auto" and self._auto_micro is None:
+                self._auto_micro = self._measure_micro_batch(rollout, mb_size, lora)
             for epoch in range(cfg.ppo_epochs):
                 perm = torch.randperm(B, device=self.device)
                 for start in range(0, B, mb_size):
@@ -371,7 +378,39 @@ class PPOModule(LightningModule):
         out["val/ratio_first_minibatch"] = stats["val/ratio"][0]
         out["policy/epochs_done"] = float(epoch + 1)
         out["policy/updates"] = float(len(stats["loss/policy_avg"]))
+        out["perf/micro_batch_size"] = float(self._micro_batch(mb_size))
         return out
+
+    def _micro_batch(self, batch: int) -> int:
+        """Sequences per forward for a (mini)batch of ``batch``: the configured or measured size."""
+        micro = self.ppo.micro_batch_size
+        if micro == "auto":  # before the first update measured it: one minibatch's worth
+            micro = self._auto_micro or self.rollout_batch_size // self.ppo.num_minibatches
+        return min(micro or batch, batch)
+
+    def _measure_micro_batch(self, rollout: ppo.Rollout, mb_size: int, lora: LoraComputeCopies) -> int:
+        """``micro_batch_size: auto``: one sequence's forward + backward peak, scaled to the longest
+        possible response, against 80% of the free GPU memory (its gradients are discarded)."""
+        if self.device.type != "cuda":
+            return mb_size
+        torch.cuda.synchronize(self.device)
+        free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
+            - torch.cuda.memory_allocated(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        one = rollout.select(torch.zeros(1, dtype=torch.long, device=self.device))
+        new = self.model(one.query_ids, one.query_mask, one.response_ids, one.response_mask, self.sampling.temperature)
+        with self._no_backward_sync():
+            (new.logprobs.sum() + new.values.sum()).backward()
+        per_sequence = torch.cuda.max_memory_allocated(self.device) - base
+        lora.collect_grads()
+        self.optimizers().zero_grad(set_to_none=True)
+        P, R = one.query_ids.shape[1], one.response_ids.shape[1]
+        per_sequence *= (P + max(R, self.sampling.max_new_tokens)) / (P + R)
+        micro = ppo.largest_divisor_within(mb_size, per_sequence, 0.8 * free)
+        log.info("micro_batch_size=auto: %d (%.2f GiB per sequence, %.1f GiB free)", micro,
+                 per_sequence / 2**30, free / 2**30)
+        return micro
 
     def _kl_stop(self, stats: dict[str, list[Tensor]]) -> bool:
         """Early stop: the last minibatch's approx KL went past ``target_approx_kl`` (a sync, only when set)."""
@@ -385,7 +424,7 @@ class PPOModule(LightningModule):
         opt = self.optimizers()
         # The optimizer's parameters: the fp32 masters, whatever the modules hold in ``lora``'s block.
         params = [p for group in opt.param_groups for p in group["params"]]
-        micro = cfg.micro_batch_size or len(mb_idx)
+        micro = self._micro_batch(len(mb_idx))
         n_tokens = rollout.response_mask[mb_idx].sum().clamp(min=1)
         opt.zero_grad()
         sums: dict[str, Tensor] = {}

@@ -378,3 +378,13 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), float(state["count"])
+
+
+def largest_divisor_within(n: int, cost_each: float, budget: float) -> int:
+    """The largest divisor ``d`` of ``n`` with ``d * cost_each <= budget`` (at least 1).
+
+    Picks a micro-batch that divides the minibatch evenly and fits a memory budget."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    fits = [d for d in range(1, n + 1) if n % d == 0 and d * cost_each <= budget]
+    return max(fits, default=1)

@@ -86,9 +86,9 @@ def _reward():
 _RUNS: dict[str, dict] = {}
 
 
-def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = False) -> dict:
+def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = False, micro=MICRO) -> dict:
     """Fit one PPO iteration (cached per setting) and return what the tests inspect."""
-    key = (quantization, compile)
+    key = (quantization, compile, micro)
     if key in _RUNS:
         return _RUNS[key]
     import lightning as L
@@ -128,12 +128,12 @@ def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = Fa
             out["after"] = {n: p.detach().float().cpu().clone() for n, p in module.model.named_parameters()
                             if "lora_" in n}
 
-    tmp = tmp_path_factory.mktemp(f"fit_{quantization}_{'compiled' if compile else 'eager'}")
+    tmp = tmp_path_factory.mktemp(f"fit_{quantization}_{'compiled' if compile else 'eager'}_{micro}")
     module = Probe(
         policy=PolicyConfig(base_model=str(assets / "base"), sft_adapter=str(assets / "sft"), quantization=quantization,
                             dtype="bfloat16", gradient_checkpointing=True, compile=compile),
         reward=_reward(),
-        ppo=PPOConfig(ppo_epochs=2, num_minibatches=MINIBATCHES, micro_batch_size=MICRO),
+        ppo=PPOConfig(ppo_epochs=2, num_minibatches=MINIBATCHES, micro_batch_size=micro),
         sampling=SamplingConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
         rollout_engine="auto", rollout_batch_size=BATCH, output_dir=str(tmp / "adapter"), log_samples=0,
     )
@@ -253,3 +253,10 @@ def test_offloaded_reward_scores_alike_and_leaves_the_gpu(backend, tmp_path):
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before  # the weights left the GPU after scoring
     assert held > 0
+
+
+def test_micro_batch_size_auto_picks_a_divisor_from_free_memory(assets, tmp_path_factory):
+    run = one_ppo_step(assets, "none", tmp_path_factory, micro="auto")
+    _check_step(run)
+    # A tiny model on an 80 GB card: the whole minibatch fits.
+    assert run["metrics"]["perf/micro_batch_size"] == BATCH // MINIBATCHES

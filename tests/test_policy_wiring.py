@@ -337,8 +337,10 @@ def test_micro_batch_size_leaves_update_unchanged(assets, tmp_path):
     for micro in (1, 2):
         stats, grads = captured[micro]
         assert stats.keys() == full_stats.keys()
+        assert stats["perf/micro_batch_size"] == (micro or 4)
         for k, v in full_stats.items():
-            assert stats[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (micro, k)
+            if k != "perf/micro_batch_size":
+                assert stats[k] == pytest.approx(v, rel=1e-4, abs=1e-6), (micro, k)
         assert len(grads) == len(full_grads)
         for g_full, g in zip(full_grads, grads):
             assert g_full.keys() == g.keys()
@@ -450,3 +452,14 @@ def test_compiled_layers_give_eager_gradients_and_compile_once(assets):
     for n in eager:
         torch.testing.assert_close(compiled[n], eager[n], rtol=1e-4, atol=1e-6, msg=n)
     assert any(float(g.abs().max()) > 0 for g in eager.values())
+
+
+def test_micro_batch_size_auto_is_the_minibatch_on_the_cpu_and_bad_values_are_named():
+    from rlhf_lit.module import PPOConfig, PPOModule
+
+    module = PPOModule(ppo=PPOConfig(num_minibatches=2, micro_batch_size="auto"), rollout_batch_size=8)
+    assert module._micro_batch(4) == 4 and module._micro_batch(8) == 4
+    with pytest.raises(ValueError, match="micro_batch_size=3 must divide the minibatch size 4"):
+        PPOModule(ppo=PPOConfig(num_minibatches=2, micro_batch_size=3), rollout_batch_size=8)
+    with pytest.raises(ValueError, match="micro_batch_size='big'"):
+        PPOModule(ppo=PPOConfig(num_minibatches=2, micro_batch_size="big"), rollout_batch_size=8)

@@ -769,3 +769,14 @@ def test_rollout_select_returns_rows():
     mb = rollout.select(fields["valid"])
     assert mb.scores.tolist() == [0.0, 2.0, 3.0]
     assert torch.equal(mb.response_ids, fields["response_ids"][[0, 2, 3]])
+
+
+def test_largest_divisor_within_budget():
+    from rlhf_lit.ppo import largest_divisor_within
+
+    assert largest_divisor_within(16, 1.0, 16.0) == 16
+    assert largest_divisor_within(16, 1.0, 15.9) == 8   # 16 does not fit; 8 is the next divisor
+    assert largest_divisor_within(12, 2.0, 11.0) == 4   # 6 x 2 = 12 > 11
+    assert largest_divisor_within(16, 5.0, 1.0) == 1    # nothing fits: one sequence at a time
+    with pytest.raises(ValueError):
+        largest_divisor_within(0, 1.0, 1.0)
