@@ -186,7 +186,10 @@ class PPOModule(LightningModule):
         mb, micro = B // n, self.ppo.micro_batch_size
         if micro == "auto":
             return
-        if micro is not None and (isinstance(micro, str) or micro < 1 or mb % micro):
+        if isinstance(micro, str):
+            raise ValueError(f"model.ppo.micro_batch_size={micro!r}: expected a positive integer that divides the "
+                             f"minibatch size {mb}, 'auto' or null")
+        if micro is not None and (micro < 1 or mb % micro):
             raise ValueError(f"model.ppo.micro_batch_size={micro} must divide the minibatch size {mb} "
                              f"(= data.batch_size {B} / num_minibatches {n})")
 
