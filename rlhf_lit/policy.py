@@ -67,8 +67,9 @@ class PolicyConfig:
     """``torch.compile`` each decoder layer for the PPO update's forward and backward: fused kernels and
     far less Python per micro-batch (the update is host-bound on a GPU). The first update pays the
     compilation (about a minute for 7B); rollouts and no-grad forwards stay eager."""
-    attn_implementation: Optional[str] = "sdpa"
-    """transformers attention kernel: ``sdpa``, ``flash_attention_2`` (when installed) or ``eager``."""
+    attn_implementation: Optional[str] = "auto"
+    """transformers attention kernel: ``auto`` (``flash_attention_2`` on a GPU when the flash-attn
+    package is installed, else ``sdpa``), ``sdpa``, ``flash_attention_2`` or ``eager``."""
     value_head_init_std: float = 0.0
     """Std of the value head's initial weights; 0 starts the critic at V = 0 (OpenAI 2019)."""
     trust_remote_code: bool = False
@@ -254,6 +255,15 @@ def _lora_compute_dtype(config: PolicyConfig, device: torch.device) -> Optional[
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
+def resolve_attn_implementation(name: str, device: torch.device) -> str:
+    """``auto`` -> ``flash_attention_2`` on CUDA when ``flash_attn`` is importable, else ``sdpa``."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    return "flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def _load_base(config: PolicyConfig, device: torch.device):
     from transformers import AutoModelForCausalLM
 
@@ -264,7 +274,7 @@ def _load_base(config: PolicyConfig, device: torch.device):
         revision=config.revision,
     )
     if config.attn_implementation:
-        kwargs["attn_implementation"] = config.attn_implementation
+        kwargs["attn_implementation"] = resolve_attn_implementation(config.attn_implementation, device)
     if config.quantization == "nf4":
         if device.type != "cuda":
             raise ValueError("model.policy.quantization=nf4 needs a CUDA GPU (bitsandbytes); use 'none' on the CPU")

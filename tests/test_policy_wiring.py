@@ -463,3 +463,18 @@ def test_micro_batch_size_auto_is_the_minibatch_on_the_cpu_and_bad_values_are_na
         PPOModule(ppo=PPOConfig(num_minibatches=2, micro_batch_size=3), rollout_batch_size=8)
     with pytest.raises(ValueError, match="micro_batch_size='big'"):
         PPOModule(ppo=PPOConfig(num_minibatches=2, micro_batch_size="big"), rollout_batch_size=8)
+
+
+def test_attention_auto_is_sdpa_without_flash_attn(monkeypatch):
+    import importlib.util
+
+    from rlhf_lit.policy import resolve_attn_implementation
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "flash_attn" else real(n, *a))
+    assert resolve_attn_implementation("auto", torch.device("cuda")) == "sdpa"
+    assert resolve_attn_implementation("auto", torch.device("cpu")) == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "flash_attn" else real(n, *a))
+    assert resolve_attn_implementation("auto", torch.device("cuda")) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", torch.device("cpu")) == "sdpa"  # flash-attn is CUDA-only
+    assert resolve_attn_implementation("eager", torch.device("cuda")) == "eager"
