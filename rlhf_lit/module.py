@@ -246,7 +246,9 @@ class PPOModule(LightningModule):
         exist for more than one micro-batch."""
         micro = self._micro_batch(q_ids.shape[0])
         outs = []
-        with self.model.role(role), self.model.lora_compute_copies():
+        # The policy's bf16 LoRA copies serve only policy forwards; the reference is stored in bf16.
+        copies = self.model.lora_compute_copies() if role == POLICY else contextlib.nullcontext()
+        with self.model.role(role), copies:
             for s in range(0, q_ids.shape[0], micro):
                 sl = slice(s, s + micro)
                 outs.append(self.model(q_ids[sl], q_mask[sl], r_ids[sl], r_mask[sl], temperature, values, entropy))

@@ -254,9 +254,11 @@ class Detoxify(RewardBackend):
         self._load()
         texts = [p + "\n" + r for p, r in zip(prompts, responses)] if self.include_prompt else list(responses)
         per_attr: dict[str, list[float]] = {a: [] for a in self.weights}
-        with self._on_device:
-            results = [(chunk, self._detox.predict(chunk))
-                       for chunk in (texts[i : i + self.batch_size] for i in range(0, len(texts), self.batch_size))]
+        results = []
+        with self._on_device:  # one trip to the GPU for all chunks when offloaded
+            for i in range(0, len(texts), self.batch_size):
+                chunk = texts[i : i + self.batch_size]
+                results.append((chunk, self._detox.predict(chunk)))
         for chunk, result in results:
             for a in per_attr:
                 v = result[a]
