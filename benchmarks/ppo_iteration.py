@@ -111,14 +111,16 @@ def _shapes(tiny: bool) -> Shapes:
     return TINY if tiny else FULL
 
 
-VARIANTS = {"ours": ("nockpt", "compile", "offload"), "trl": ("asis",)}
+VARIANTS = {"ours": ("nockpt", "compile", "offload", "critic"), "trl": ("asis",)}
 
 
 def _parse_run(name: str) -> tuple[str, str, list[str]]:
     """``ours-bf16-nockpt-compile`` -> ("ours", "bf16", ["nockpt", "compile"]).
 
     Variants: ``nockpt`` (ours: checkpointing off, ``--nockpt-micro-batch``), ``compile`` (ours:
-    ``policy.compile``), ``offload`` (ours: the reward model's ``offload``), ``asis`` (TRL as its users get it: its ignored checkpointing flag left alone)."""
+    ``policy.compile``), ``offload`` (ours: the reward model's ``offload``), ``critic`` (ours: ``policy.critic:
+    adapter``, the critic as its own LoRA adapter), ``asis`` (TRL as its users get it: its ignored
+    checkpointing flag left alone)."""
     framework, quantization, *variants = name.split("-")
     if framework not in VARIANTS or quantization not in ("bf16", "nf4") or \
             any(v not in VARIANTS[framework] for v in variants):
@@ -242,7 +244,7 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
     n_batches = args.iterations + (1 if profiling else 0)  # the profiled iteration comes after the timed ones
     variants = _parse_run(args.worker)[2]
     result.update(gradient_checkpointing=ckpt, micro_batch=micro, compile="compile" in variants,
-                  reward_offload="offload" in variants)
+                  reward_offload="offload" in variants, critic="adapter" if "critic" in variants else "value_head")
 
     class Recorder(Callback):
         def on_train_start(self, trainer, pl_module):
@@ -295,10 +297,10 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
     module = PPOModule(
         policy=PolicyConfig(base_model=str(a / "base"), sft_adapter=str(a / "sft_adapter"), quantization=quantization,
                             dtype="bfloat16" if cuda else "float32", gradient_checkpointing=ckpt,
-                            compile="compile" in _parse_run(args.worker)[2]),
+                            compile="compile" in variants, critic="adapter" if "critic" in variants else "value_head"),
         reward=RewardModel(model_path=str(a / "reward"), input="chat", batch_size=shapes.batch,
                            dtype="bfloat16" if cuda else "float32", max_length=512,
-                           offload="offload" in _parse_run(args.worker)[2]),
+                           offload="offload" in variants),
         ppo=PPOConfig(ppo_epochs=4, num_minibatches=4, micro_batch_size=micro),
         sampling=SamplingConfig(max_new_tokens=shapes.new_tokens, min_new_tokens=shapes.new_tokens, temperature=0.7),
         rollout_engine=args.engine,
@@ -606,6 +608,7 @@ def table(results: dict) -> str:
         cm = "-" if ck is None else f"{'on' if ck in (True, 'model') else 'off'} / {r.get('micro_batch', '-')}"
         cm += " / compiled" if r.get("compile") else ""
         cm += " / reward offloaded" if r.get("reward_offload") else ""
+        cm += " / critic adapter" if r.get("critic") == "adapter" else ""
         if not iters:
             err = str(r.get("error", "failed")).replace("|", "/").replace("\n", " ")[:160]
             rows.append(f"| {name} | {r.get('engine', '-')} | {cm} | failed | | | | | | "

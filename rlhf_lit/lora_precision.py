@@ -14,7 +14,7 @@ and exports keep seeing) and refreshes the copies after each optimizer step.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,7 @@ def cast_adapter_(model: nn.Module, adapter: str, dtype: torch.dtype) -> int:
 
 
 class LoraComputeCopies:
-    """Context manager: ``adapter``'s LoRA factors computed from ``dtype`` copies of fp32 masters.
+    """Context manager: the LoRA factors of ``adapters`` computed from ``dtype`` copies of fp32 masters.
 
     Use::
 
@@ -54,9 +54,10 @@ class LoraComputeCopies:
     With ``dtype=None`` (or factors already in ``dtype``) it changes nothing.
     """
 
-    def __init__(self, model: nn.Module, adapter: str, dtype: Optional[torch.dtype]) -> None:
+    def __init__(self, model: nn.Module, adapters: Union[str, Sequence[str]], dtype: Optional[torch.dtype]) -> None:
         self.dtype = dtype
-        linears = lora_linears(model, adapter) if dtype is not None else []
+        names = [adapters] if isinstance(adapters, str) else list(adapters)
+        linears = [lin for a in names for lin in lora_linears(model, a)] if dtype is not None else []
         self._linears = [lin for lin in linears if lin.weight.dtype != dtype]
         self._masters: list[nn.Parameter] = []
         self._copies: list[nn.Parameter] = []

@@ -4,7 +4,7 @@ One training step is one PPO iteration:
 
 1. rollout    — sample responses to a batch of prompts with the policy adapter active
 2. score      — the reward backend reads (prompt, response) text
-3. evaluate   — old log-probs and values (policy), reference log-probs (reference adapter)
+3. evaluate   — old log-probs (policy), values (critic), reference log-probs (reference adapter)
 4. advantages — per-token KL penalty + score on the last token, then GAE (``ppo.py``)
 5. update     — ``ppo_epochs`` x shuffled minibatches of clipped policy + value loss
 
@@ -31,7 +31,7 @@ from rlhf_lit import ppo
 from rlhf_lit.evaluation import TestEvaluator, check_eval_rewards
 from rlhf_lit.lora_precision import LoraComputeCopies
 from rlhf_lit.policy import (
-    POLICY, REFERENCE, PolicyConfig, PolicyModel, ResponseOutput, check_adapter_path, resolve_model_path,
+    CRITIC, POLICY, REFERENCE, PolicyConfig, PolicyModel, ResponseOutput, check_adapter_path, resolve_model_path,
 )
 from rlhf_lit.ppo import RunningMoments
 from rlhf_lit.rewards.base import RewardBackend
@@ -110,7 +110,8 @@ class PPOModule(LightningModule):
         eval_sampling: Sampling for validation and test; defaults to ``sampling``.
         rollout_engine: ``hf`` (transformers generate), ``cuda_graph`` (static cache + CUDA graph), or
             ``auto`` (cuda_graph on a GPU when supported, else hf).
-        optimizer: Optimizer over the policy adapter and value head.
+        optimizer: Optimizer over the policy adapter, the value head and (with ``critic: adapter``) the
+            critic adapter.
         lr_scheduler: Optional scheduler, stepped once per rollout.
         rollout_batch_size: Prompts per rollout; linked to ``data.batch_size`` by the CLI.
         output_dir: Where the trained policy adapter is exported (PEFT folder); default ``<log dir>/adapter``.
@@ -241,17 +242,19 @@ class PPOModule(LightningModule):
     # ---------------------------------------------------------------------------------------
     # Experience
     # ---------------------------------------------------------------------------------------
-    def _forward_batched(self, role: str, q_ids, q_mask, r_ids, r_mask, temperature, values=False, entropy=False):
+    def _forward_batched(self, role: str, q_ids, q_mask, r_ids, r_mask, temperature, values=False, entropy=False,
+                         logprobs=True):
         """Run the model over the batch in micro-batches (no grad): full-vocabulary logits never
         exist for more than one micro-batch."""
         micro = self._micro_batch(q_ids.shape[0])
         outs = []
-        # The policy's bf16 LoRA copies serve only policy forwards; the reference is stored in bf16.
-        copies = self.model.lora_compute_copies() if role == POLICY else contextlib.nullcontext()
+        # The trained adapters' bf16 LoRA copies serve their own forwards; the reference is stored in bf16.
+        copies = self.model.lora_compute_copies() if role != REFERENCE else contextlib.nullcontext()
         with self.model.role(role), copies:
             for s in range(0, q_ids.shape[0], micro):
                 sl = slice(s, s + micro)
-                outs.append(self.model(q_ids[sl], q_mask[sl], r_ids[sl], r_mask[sl], temperature, values, entropy))
+                outs.append(self.model(q_ids[sl], q_mask[sl], r_ids[sl], r_mask[sl], temperature, values, entropy,
+                                       logprobs))
         cat = lambda xs: None if xs[0] is None else torch.cat(xs)  # noqa: E731
         return ResponseOutput(*(cat([o[i] for o in outs]) for i in range(3)))
 
@@ -311,7 +314,10 @@ class PPOModule(LightningModule):
         t = self._clock()
         q_ids, q_mask = batch["input_ids"], batch["attention_mask"]
         r_ids, r_mask = trunc.response_ids, trunc.response_mask
-        pol = self._forward_batched(POLICY, q_ids, q_mask, r_ids, r_mask, T, values=True, entropy=True)
+        shared = self.model.values_from_policy
+        pol = self._forward_batched(POLICY, q_ids, q_mask, r_ids, r_mask, T, values=shared, entropy=True)
+        critic_values = pol.values if shared else self._forward_batched(
+            CRITIC, q_ids, q_mask, r_ids, r_mask, T, values=True, logprobs=False).values
         ref = self._forward_batched(REFERENCE, q_ids, q_mask, r_ids, r_mask, T)
         timings["time/ref_values_s"] = self._clock() - t
         if self.device.type == "cuda":  # the experience phases (sampling, scoring, evaluation) alone
@@ -320,7 +326,7 @@ class PPOModule(LightningModule):
         mask = r_mask & valid.unsqueeze(-1)  # unscored samples get no update
         logprobs = pol.logprobs * r_mask
         ref_logprobs = ref.logprobs * r_mask
-        values = pol.values * r_mask
+        values = critic_values * r_mask
         kl = ppo.kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * r_mask
         rewards = ppo.kl_penalized_rewards(scores, kl, mask, trunc.last_index, self.kl_coef)
         if cfg.whiten_rewards:
@@ -404,9 +410,12 @@ class PPOModule(LightningModule):
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         one = rollout.select(torch.zeros(1, dtype=torch.long, device=self.device))
-        new = self.model(one.query_ids, one.query_mask, one.response_ids, one.response_mask, self.sampling.temperature)
+        # The policy's pass (with the LM head) is the larger of the two when the critic has its own.
+        shared = self.model.values_from_policy
+        new = self.model(one.query_ids, one.query_mask, one.response_ids, one.response_mask,
+                         self.sampling.temperature, values=shared)
         with self._no_backward_sync():
-            (new.logprobs.sum() + new.values.sum()).backward()
+            (new.logprobs.sum() + (new.values.sum() if shared else 0.0)).backward()
         per_sequence = torch.cuda.max_memory_allocated(self.device) - base
         lora.collect_grads()
         self.optimizers().zero_grad(set_to_none=True)
@@ -433,17 +442,25 @@ class PPOModule(LightningModule):
         n_tokens = rollout.response_mask[mb_idx].sum().clamp(min=1)
         opt.zero_grad()
         sums: dict[str, Tensor] = {}
+        shared = self.model.values_from_policy
         for m in range(0, len(mb_idx), micro):
             mb = rollout.select(mb_idx[m:m + micro])
-            new = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, T)
-            pg = ppo.clipped_policy_loss(new.logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_eps)
-            vf = ppo.clipped_value_loss(new.values, mb.values, mb.returns, mb.response_mask, cfg.vf_clip_eps)
             # Token-weighted share of the minibatch: micro-batching leaves loss and gradients unchanged.
             w = mb.response_mask.sum() / n_tokens
-            loss = (pg.loss + cfg.vf_coef * vf.loss) * w
-            with self._no_backward_sync():
-                self.manual_backward(loss)
-            lora.collect_grads()
+            new = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, T, values=shared)
+            pg = ppo.clipped_policy_loss(new.logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.clip_eps)
+            if shared:
+                vf = ppo.clipped_value_loss(new.values, mb.values, mb.returns, mb.response_mask, cfg.vf_clip_eps)
+                self._backward((pg.loss + cfg.vf_coef * vf.loss) * w, lora)
+            else:
+                self._backward(pg.loss * w, lora)
+                # The critic adapter's forward and its backward both run with its adapter active:
+                # checkpointed layers recompute the forward in the backward, under the adapter active then.
+                with self.model.role(CRITIC):
+                    values = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask, T,
+                                        logprobs=False).values
+                    vf = ppo.clipped_value_loss(values, mb.values, mb.returns, mb.response_mask, cfg.vf_clip_eps)
+                    self._backward(cfg.vf_coef * vf.loss * w, lora)
             for k, v in (("loss/policy_avg", pg.loss), ("loss/value_avg", vf.loss),
                          ("policy/approxkl_avg", pg.approx_kl), ("policy/clipfrac_avg", pg.clipfrac),
                          ("val/clipfrac_avg", vf.clipfrac), ("val/ratio", pg.ratio_mean),
@@ -456,6 +473,11 @@ class PPOModule(LightningModule):
         lora.refresh()
         for k, v in sums.items():
             stats.setdefault(k, []).append(v.detach().float().reshape(()))
+
+    def _backward(self, loss: Tensor, lora: LoraComputeCopies) -> None:
+        with self._no_backward_sync():
+            self.manual_backward(loss)
+        lora.collect_grads()
 
     def _clock(self) -> float:
         """Wall time after the GPU has finished queued work, so phase timings add up."""
@@ -614,6 +636,7 @@ class PPOModule(LightningModule):
         checkpoint["rlhf_lit"] = {
             "base_model": self.policy_config.base_model,
             "sft_adapter": self.policy_config.sft_adapter,
+            "critic": self.policy_config.critic,
             "kl_coef": float(self.kl_coef),
             "score_moments": self.score_moments.state_dict(),
             "rollouts_done": self.rollouts_done,
@@ -626,14 +649,19 @@ class PPOModule(LightningModule):
         expected = self._trainable_keys(own)
         missing = [k for k in expected if k not in sd]
         wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+        # Trained tensors this model has no place for (e.g. a critic adapter) must not vanish silently.
+        unexpected = [k for k in self._trainable_keys(sd) if k not in own]
         meta = checkpoint.get("rlhf_lit", {})
-        where = f"base_model={meta.get('base_model')!r}, sft_adapter={meta.get('sft_adapter')!r}"
-        if missing or wrong:
-            example = (missing or wrong)[0]
+        where = (f"base_model={meta.get('base_model')!r}, sft_adapter={meta.get('sft_adapter')!r}, "
+                 f"critic={meta.get('critic', 'value_head')!r}")
+        if missing or wrong or unexpected:
+            example = (missing or wrong or unexpected)[0]
             raise RuntimeError(
                 f"this checkpoint does not fit the configured model ({len(missing)} trained tensors missing, "
-                f"{len(wrong)} of another shape, e.g. {example!r}); it was written for {where}, the config "
-                f"has base_model={self.policy_config.base_model!r}, sft_adapter={self.policy_config.sft_adapter!r}"
+                f"{len(wrong)} of another shape, {len(unexpected)} unexpected, e.g. {example!r}); it was "
+                f"written for {where}, the config "
+                f"has base_model={self.policy_config.base_model!r}, sft_adapter={self.policy_config.sft_adapter!r}, "
+                f"critic={self.policy_config.critic!r}"
             )
         self.kl_coef = float(meta.get("kl_coef", self.kl_coef))
         if "score_moments" in meta:

@@ -6,8 +6,10 @@ Only this file knows how adapters are attached and switched:
   (frozen) and ``policy`` (trainable, initialised from it). The reference log-probs come from
   switching the active adapter, so there is never a second copy of the base model.
 - Without one, a fresh LoRA is the policy and the reference is the base with adapters disabled.
-- The critic is a value head on the policy's last hidden states: one forward gives log-probs and
-  values (the cheapest critic; its gradients also shape the policy LoRA, scaled by ``vf_coef``).
+- The critic (``critic``) is either a value head on the policy's last hidden states (default: one
+  forward gives log-probs and values, no extra adapter; its gradients also shape the policy LoRA,
+  scaled by ``vf_coef``), or a third adapter ``critic`` on the same base with the value head on
+  *its* hidden states (value gradients never reach the policy; a second forward and backward).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from rlhf_lit.lora_precision import LoraComputeCopies, cast_adapter_
 
 log = logging.getLogger(__name__)
 
-POLICY, REFERENCE = "policy", "reference"
+POLICY, REFERENCE, CRITIC = "policy", "reference", "critic"
 BUILTIN_PREFIX = "builtin:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -70,6 +72,13 @@ class PolicyConfig:
     attn_implementation: Optional[str] = "auto"
     """transformers attention kernel: ``auto`` (``flash_attention_2`` on a GPU when the flash-attn
     package is installed, else ``sdpa``), ``sdpa``, ``flash_attention_2`` or ``eager``."""
+    critic: Literal["value_head", "adapter"] = "value_head"
+    """The critic. ``value_head`` (default): a linear head on the policy's last hidden states, so one
+    forward gives log-probs and values and no adapter memory is added; the value loss also shapes the
+    policy LoRA (weighted by ``ppo.vf_coef``), as in OpenAI's 2019 and TRL's shared-trunk setups.
+    ``adapter``: its own LoRA adapter on the same quantized base plus the head, initialised from the
+    SFT adapter (else a fresh LoRA); value gradients never touch the policy, for a second forward and
+    backward per micro-batch and a second trainable adapter (and its optimizer state)."""
     value_head_init_std: float = 0.0
     """Std of the value head's initial weights; 0 starts the critic at V = 0 (OpenAI 2019)."""
     trust_remote_code: bool = False
@@ -109,12 +118,13 @@ class ResponseOutput(NamedTuple):
     """Per-token outputs of a forward pass over prompt + response.
 
     Attributes:
-        logprobs: ``(B, R)`` float32 log-probs of the response tokens at the sampling temperature.
+        logprobs: ``(B, R)`` float32 log-probs of the response tokens at the sampling temperature,
+            or None when not asked.
         values: ``(B, R)`` float32 critic values, or None when not asked.
         entropy: ``(B, R)`` float32 entropies, or None when not asked.
     """
 
-    logprobs: Tensor
+    logprobs: Optional[Tensor]
     values: Optional[Tensor]
     entropy: Optional[Tensor]
 
@@ -122,11 +132,15 @@ class ResponseOutput(NamedTuple):
 class PolicyModel(nn.Module):
     """The PEFT-wrapped causal LM plus the value head, with adapter-role switching."""
 
+    # Adapters whose weights train (and are checkpointed); the critic's exists only with critic: adapter.
+    TRAINED_ADAPTERS = (POLICY, CRITIC)
+
     def __init__(self, config: PolicyConfig, device: torch.device) -> None:
         super().__init__()
         self.config = config
         self.peft = _load_peft_model(config, device)
         self.has_reference_adapter = config.sft_adapter is not None
+        self.has_critic_adapter = config.critic == "adapter"
         hidden = self.peft.get_base_model().config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
         nn.init.normal_(self.value_head.weight, std=config.value_head_init_std)
@@ -147,33 +161,47 @@ class PolicyModel(nn.Module):
 
         By name, not ``requires_grad``: peft flips that flag whenever the active adapter changes.
         """
-        return key.startswith("value_head.") or re.search(rf"\.(lora_\w+|modules_to_save)\.{POLICY}\.", key) is not None
+        adapters = "|".join(PolicyModel.TRAINED_ADAPTERS)
+        return key.startswith("value_head.") or re.search(rf"\.(lora_\w+|modules_to_save)\.({adapters})\.", key) is not None
 
     def trainable_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for name, p in self.named_parameters():
             if name in self._trainable:
                 yield name, p
 
+    @property
+    def values_from_policy(self) -> bool:
+        """Whether the policy's forward gives the values (``critic: value_head``); else they come
+        from a forward in ``role(CRITIC)``."""
+        return not self.has_critic_adapter
+
     @contextlib.contextmanager
     def role(self, role: str) -> Iterator[None]:
-        """Run the block with the ``policy`` or ``reference`` weights active."""
-        if role == POLICY:
+        """Run the block with the ``policy``, ``reference`` or ``critic`` weights active.
+
+        ``critic`` is the policy itself when the critic is the value head on the policy's states."""
+        if role not in (POLICY, REFERENCE, CRITIC):
+            raise ValueError(f"unknown role {role!r}")
+        if role == POLICY or (role == CRITIC and not self.has_critic_adapter):
             yield
             return
-        if role != REFERENCE:
-            raise ValueError(f"unknown role {role!r}")
-        if not self.has_reference_adapter:
+        if role == REFERENCE and not self.has_reference_adapter:
             with self.peft.disable_adapter():
                 yield
             return
+        # peft's set_adapter also freezes every other adapter; the trained ones must keep training.
         flags = {n: p.requires_grad for n, p in self.named_parameters()}
-        self.peft.set_adapter(REFERENCE)
+        self.peft.set_adapter(role)
+        self._restore_flags(flags)
         try:
             yield
         finally:
             self.peft.set_adapter(POLICY)
-            for n, p in self.named_parameters():
-                p.requires_grad_(flags[n])
+            self._restore_flags(flags)
+
+    def _restore_flags(self, flags: dict[str, bool]) -> None:
+        for n, p in self.named_parameters():
+            p.requires_grad_(flags[n])
 
     @contextlib.contextmanager
     def compiled(self) -> Iterator[None]:
@@ -198,9 +226,11 @@ class PolicyModel(nn.Module):
                 layer._compiled_call_impl = None
 
     def lora_compute_copies(self) -> LoraComputeCopies:
-        """Context in which the policy LoRA computes from half-precision copies of its fp32 weights
-        (a no-op in fp32); call ``collect_grads()`` after each backward, ``refresh()`` after each step."""
-        return LoraComputeCopies(self.peft, POLICY, self.lora_compute_dtype)
+        """Context in which the trained LoRA adapters (policy, and critic if any) compute from
+        half-precision copies of their fp32 weights (a no-op in fp32); call ``collect_grads()`` after
+        each backward, ``refresh()`` after each step."""
+        adapters = [POLICY, CRITIC] if self.has_critic_adapter else [POLICY]
+        return LoraComputeCopies(self.peft, adapters, self.lora_compute_dtype)
 
     # ---------------------------------------------------------------------------------------
     def forward(
@@ -212,13 +242,20 @@ class PolicyModel(nn.Module):
         temperature: float,
         values: bool = True,
         entropy: bool = False,
+        logprobs: bool = True,
     ) -> ResponseOutput:
-        """Log-probs (and values, entropy) of ``response_ids`` given the left-padded prompts.
+        """Log-probs (and values, entropy) of ``response_ids`` given the left-padded prompts, from
+        the active adapter.
 
         The decoder runs over prompt + response; the LM head runs only on the R positions that
         predict response tokens (``h[P-1 : P+R-1]``), never on the prompt, and a plain head runs
         chunked with the log-softmax, so full-vocabulary logits never exist for the whole batch.
+        ``values`` reads the value head on these same hidden states: with ``critic: adapter`` ask for
+        them inside ``role(CRITIC)`` (and pass ``logprobs=False`` to skip the LM head).
         """
+        if values and self.has_critic_adapter and self.peft.active_adapter != CRITIC:
+            raise RuntimeError("critic: adapter: values come from a forward inside role(CRITIC), "
+                               "not from the policy's hidden states")
         hf = self.peft.get_base_model()
         input_ids = torch.cat([query_ids, response_ids], dim=1)
         attention_mask = torch.cat([query_mask, response_mask.to(query_mask.dtype)], dim=1)
@@ -229,6 +266,9 @@ class PolicyModel(nn.Module):
         ).last_hidden_state
         P, R = query_ids.shape[1], response_ids.shape[1]
         h = hidden[:, P - 1 : P + R - 1]
+        out_values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float() if values else None
+        if not logprobs:
+            return ResponseOutput(None, out_values, None)
         head = hf.get_output_embeddings()
         if type(head) is nn.Linear and head.bias is None:
             # Chunked head + log-softmax: B x R x V logits never exist (rlhf_lit/head_logprobs.py).
@@ -237,7 +277,6 @@ class PolicyModel(nn.Module):
             logits = head(h)
             out_logprobs = ppo.logprobs_from_logits(logits, response_ids, temperature)
             out_entropy = ppo.entropy_from_logits(logits, temperature) if entropy else None
-        out_values = self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1).float() if values else None
         return ResponseOutput(out_logprobs, out_values, out_entropy)
 
 
@@ -310,23 +349,33 @@ def _load_peft_model(config: PolicyConfig, device: torch.device):
     check_adapter_path(config.sft_adapter, "sft_adapter")
     check_adapter_path(config.policy_adapter, "policy_adapter")
     base = _load_base(config, device)
+    fresh_lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+        target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM",
+    )
     if config.sft_adapter is None and config.policy_adapter is None:
-        lora = LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
-            target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM",
-        )
-        return get_peft_model(base, lora, adapter_name=POLICY)
-    if config.sft_adapter is None:
+        model = get_peft_model(base, fresh_lora, adapter_name=POLICY)
+    elif config.sft_adapter is None:
         model = _load_adapter(None, base, config, "policy_adapter", POLICY, trainable=True)
     else:
         model = _load_adapter(None, base, config, "sft_adapter", REFERENCE, trainable=False)
         _load_adapter(model, base, config, "policy_adapter" if config.policy_adapter else "sft_adapter",
                       POLICY, trainable=True)
+    trained = [POLICY]
+    if config.critic == "adapter":
+        # The critic starts from what the SFT run learned about these texts, like the policy.
+        if config.sft_adapter is not None:
+            _load_adapter(model, base, config, "sft_adapter", CRITIC, trainable=True)
+        else:
+            model.add_adapter(CRITIC, fresh_lora)
+        trained.append(CRITIC)
+    elif config.critic != "value_head":
+        raise ValueError(f"model.policy.critic={config.critic!r}: expected 'value_head' or 'adapter'")
     model.set_adapter(POLICY)
     for name, p in model.named_parameters():
-        is_policy = f".{POLICY}." in name
+        is_trained = any(f".{a}." in name for a in trained)
         is_extra = "modules_to_save" in name
-        p.requires_grad_(is_policy and (not is_extra or config.train_extra_modules))
+        p.requires_grad_(is_trained and (not is_extra or config.train_extra_modules))
     if model.device.type != device.type and config.quantization == "none":
         model.to(device)
     return model

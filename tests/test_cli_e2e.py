@@ -142,10 +142,13 @@ def test_fresh_fit_refuses_to_overwrite_a_run(trained_run):
         run_cli("fit", *fast_args(run_dir, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"))
 
 
-def test_resume_mid_epoch_matches_a_straight_run(tmp_path):
-    """4 rollouts straight vs 2 + resume + 2: same adapter weights and the same metrics."""
+@pytest.mark.parametrize("critic", ["value_head", "adapter"])
+def test_resume_mid_epoch_matches_a_straight_run(tmp_path, critic):
+    """4 rollouts straight vs 2 + resume + 2: same trained weights and the same metrics."""
+    from rlhf_lit.policy import PolicyModel
+
     common = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=0",
-              "--trainer.callbacks.init_args.every_n_rollouts=1"]
+              "--trainer.callbacks.init_args.every_n_rollouts=1", f"--model.policy.critic={critic}"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     a = run_cli("fit", *fast_args(straight, *common))
     # global_step counts optimizer steps: ppo_epochs (2) x num_minibatches (2) = 4 per rollout
@@ -153,9 +156,10 @@ def test_resume_mid_epoch_matches_a_straight_run(tmp_path):
     assert len(read_metrics(resumed)) == 2
     b = run_cli("fit", *fast_args(resumed, *common), "--ckpt_path=last")
 
-    wa = {k: v for k, v in a.model.model.state_dict().items() if "lora_" in k and ".policy." in k}
-    wb = {k: v for k, v in b.model.model.state_dict().items() if "lora_" in k and ".policy." in k}
-    assert wa.keys() == wb.keys() and wa
+    wa = {k: v for k, v in a.model.model.state_dict().items() if PolicyModel.is_trainable_key(k)}
+    wb = {k: v for k, v in b.model.model.state_dict().items() if PolicyModel.is_trainable_key(k)}
+    assert wa.keys() == wb.keys() and any(".policy." in k for k in wa) and "value_head.weight" in wa
+    assert any(".critic." in k for k in wa) == (critic == "adapter")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
     ma, mb = read_metrics(straight), read_metrics(resumed)

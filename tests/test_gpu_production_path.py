@@ -86,9 +86,10 @@ def _reward():
 _RUNS: dict[str, dict] = {}
 
 
-def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = False, micro=MICRO) -> dict:
+def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = False, micro=MICRO,
+                 critic: str = "value_head") -> dict:
     """Fit one PPO iteration (cached per setting) and return what the tests inspect."""
-    key = (quantization, compile, micro)
+    key = (quantization, compile, micro, critic)
     if key in _RUNS:
         return _RUNS[key]
     import lightning as L
@@ -96,7 +97,7 @@ def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = Fa
 
     from rlhf_lit.data import PromptDataModule
     from rlhf_lit.module import PPOConfig, PPOModule
-    from rlhf_lit.policy import POLICY, REFERENCE, PolicyConfig
+    from rlhf_lit.policy import CRITIC, POLICY, REFERENCE, PolicyConfig
     from rlhf_lit.rollout import SamplingConfig
 
     out: dict = {}
@@ -108,7 +109,7 @@ def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = Fa
             self.model.train()
             mb = rollout.select(torch.arange(MICRO, device=rollout.query_ids.device))
             new = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
-                             self.sampling.temperature)
+                             self.sampling.temperature, values=False)
             out["fresh_logprobs"] = new.logprobs.detach().float().cpu()
             out["rollout_logprobs"] = mb.logprobs.float().cpu()
             out["mask"] = mb.response_mask.cpu()
@@ -128,10 +129,10 @@ def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = Fa
             out["after"] = {n: p.detach().float().cpu().clone() for n, p in module.model.named_parameters()
                             if "lora_" in n}
 
-    tmp = tmp_path_factory.mktemp(f"fit_{quantization}_{'compiled' if compile else 'eager'}_{micro}")
+    tmp = tmp_path_factory.mktemp(f"fit_{quantization}_{'compiled' if compile else 'eager'}_{micro}_{critic}")
     module = Probe(
         policy=PolicyConfig(base_model=str(assets / "base"), sft_adapter=str(assets / "sft"), quantization=quantization,
-                            dtype="bfloat16", gradient_checkpointing=True, compile=compile),
+                            dtype="bfloat16", gradient_checkpointing=True, compile=compile, critic=critic),
         reward=_reward(),
         ppo=PPOConfig(ppo_epochs=2, num_minibatches=MINIBATCHES, micro_batch_size=micro),
         sampling=SamplingConfig(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS),
@@ -147,6 +148,7 @@ def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = Fa
     trainer.fit(module, datamodule=data)
     out["policy_keys"] = [n for n in out["before"] if f".{POLICY}." in n]
     out["reference_keys"] = [n for n in out["before"] if f".{REFERENCE}." in n]
+    out["critic_keys"] = [n for n in out["before"] if f".{CRITIC}." in n]
     out["export"] = tmp / "adapter"
     _RUNS[key] = out
     return out
@@ -203,6 +205,22 @@ def test_bf16_compiled_layers_one_ppo_step(assets, tmp_path_factory):
     # Same seed, same rollout: the compiled update starts from the same losses as the eager one.
     for key in ("loss/policy_avg", "loss/value_avg", "objective/kl"):
         assert run["metrics"][key] == pytest.approx(eager["metrics"][key], rel=5e-2, abs=5e-3), key
+
+
+def test_nf4_compiled_critic_adapter_one_ppo_step(assets, tmp_path_factory):
+    """``critic: adapter`` on the production settings (nf4, checkpointing, compiled layers): both
+    trained adapters move, the reference does not, and the losses start where the value-head run's do
+    (the same rollout: only the critic differs)."""
+    pytest.importorskip("bitsandbytes")
+    run = one_ppo_step(assets, "nf4", tmp_path_factory, compile=True, critic="adapter")
+    _check_step(run)
+    assert run["critic_keys"] and len(run["critic_keys"]) == len(run["policy_keys"])
+    assert any(not torch.equal(run["before"][n], run["after"][n]) for n in run["critic_keys"]), \
+        "the optimizer step did not change the critic adapter"
+    # Same seed: the rollout (sampled with the policy adapter alone) scores as the value-head run's does.
+    shared = one_ppo_step(assets, "nf4", tmp_path_factory)
+    for key in ("objective/scores", "objective/kl"):
+        assert run["metrics"][key] == pytest.approx(shared["metrics"][key], rel=2e-2, abs=5e-3), key
 
 
 def test_head_logprobs_on_cuda_match_the_logits_path():

@@ -286,7 +286,8 @@ def _sgd_zero(params):
     return torch.optim.SGD(params, lr=0.0)  # gradients are computed, the weights never move
 
 
-def test_micro_batch_size_leaves_update_unchanged(assets, tmp_path):
+@pytest.mark.parametrize("critic", ["value_head", "adapter"])
+def test_micro_batch_size_leaves_update_unchanged(assets, tmp_path, critic):
     import lightning as L
 
     from rlhf_lit.data import PromptDataModule
@@ -317,7 +318,9 @@ def test_micro_batch_size_leaves_update_unchanged(assets, tmp_path):
                 captured[micro] = (stats, grads)
 
     module = Probe(
-        policy=PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32"),
+        # A non-zero head, so that the value loss reaches the critic's LoRA too (lr 0 never moves it).
+        policy=PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32", critic=critic,
+                            value_head_init_std=0.1),
         reward=ConstantishReward(),
         ppo=PPOConfig(ppo_epochs=2, num_minibatches=2, max_grad_norm=None),
         sampling=SamplingConfig(max_new_tokens=8, min_new_tokens=8),
@@ -347,6 +350,10 @@ def test_micro_batch_size_leaves_update_unchanged(assets, tmp_path):
             for n in g_full:
                 torch.testing.assert_close(g[n], g_full[n], rtol=1e-4, atol=1e-7, msg=f"micro={micro} {n}")
         assert any(float(g.abs().max()) > 0 for g in full_grads[0].values())
+    if critic == "adapter":  # both adapters and the head get gradients
+        nonzero = {n for n, g in full_grads[0].items() if float(g.abs().max()) > 0}
+        assert any(".critic." in n for n in nonzero) and any(".policy." in n for n in nonzero)
+        assert {"value_head.weight"} <= nonzero
 
 
 # ---------------------------------------------------------------------------------------------
