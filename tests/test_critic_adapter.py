@@ -192,6 +192,8 @@ def test_fresh_critic_without_sft_adapter(assets):
     with torch.no_grad(), pm.role(REFERENCE):
         base_lp = pm(*b, TEMPERATURE, values=False).logprobs
     assert masked_max_diff(critic_lp, base_lp, b[3].float()) < 1e-6
+    # The bare-base reference switched every adapter off and back on: both still train.
+    assert {n for n, p in pm.named_parameters() if p.requires_grad} == lora_names(pm, POLICY) | crit | HEAD
 
 
 def test_unknown_critic_kind_is_named(assets):
