@@ -75,7 +75,7 @@ class PolicyConfig:
     critic: Literal["value_head", "adapter"] = "value_head"
     """The critic. ``value_head`` (default): a linear head on the policy's last hidden states, so one
     forward gives log-probs and values and no adapter memory is added; the value loss also shapes the
-    policy LoRA (weighted by ``ppo.vf_coef``), as in OpenAI's 2019 and TRL's shared-trunk setups.
+    policy LoRA (weighted by ``ppo.vf_coef``).
     ``adapter``: its own LoRA adapter on the same quantized base plus the head, initialised from the
     SFT adapter (else a fresh LoRA); value gradients never touch the policy, for a second forward and
     backward per micro-batch and a second trainable adapter (and its optimizer state)."""
