@@ -70,7 +70,12 @@ class RLHFCLI(LightningCLI):
 
 
 def main(args: Optional[list[str]] = None) -> RLHFCLI:
+    import jsonargparse
+
     import rlhf_lit.rewards  # noqa: F401  (registers the reward backends' short class names)
+
+    # The config dataclasses document each field in a docstring under it: make those the --help text.
+    jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
     return RLHFCLI(
         PPOModule,

@@ -56,6 +56,16 @@ def test_help_names_the_module(capsys):
     assert "usage: python -m rlhf_lit" in out and "__main__" not in out
 
 
+def test_fit_help_shows_the_config_fields_docstrings(capsys):
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--help")
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--model.ppo.ppo_epochs PPO_EPOCHS Passes over each rollout batch." in out
+    assert "--model.policy.critic {value_head,adapter} The critic." in out
+    assert "--model.sampling.temperature" in out
+
+
 def test_print_config_loads_no_model(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RLHF_LIT_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(SystemExit):
