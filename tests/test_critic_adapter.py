@@ -214,6 +214,15 @@ def test_ppo_step_trains_both_adapters_and_the_checkpoint_fits_only_its_kind(tmp
         assert keys and any(not torch.equal(trained[k], sft[k]) for k in keys), f"the {adapter} adapter did not train"
     assert all(torch.equal(trained[k], sft[k]) for k in trained if f".{REFERENCE}." in k)
 
+    # The export is the policy adapter alone, as plain LoRA: the critic stays with the run.
+    from safetensors.torch import load_file
+
+    exported = load_file(next(run_dir.rglob("adapter_model.safetensors")))
+    policy_lora = {k.replace(f".{POLICY}.", "."): v for k, v in trained.items() if "lora_" in k and f".{POLICY}." in k}
+    assert len(exported) == len(policy_lora) and not any(CRITIC in k for k in exported)
+    for k, v in exported.items():
+        torch.testing.assert_close(v, policy_lora[k.replace("base_model.model.", "peft.base_model.model.", 1)])
+
     ckpt = torch.load(next(run_dir.rglob("last.ckpt")), map_location="cpu", weights_only=False)
     keys = set(ckpt["state_dict"])
     assert any(f".{CRITIC}." in k for k in keys) and any(f".{POLICY}." in k for k in keys)
