@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from rlhf_lit.data import PromptDataModule
 from rlhf_lit.module import PPOModule
+from rlhf_lit.policy import tokenizer_path
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -38,9 +39,10 @@ class RLHFCLI(LightningCLI):
     """LightningCLI with the links a PPO run needs."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        # The prompts are tokenized with the policy's tokenizer; the module checks that the
-        # rollout batch splits into minibatches.
-        parser.link_arguments("model.policy.base_model", "data.tokenizer")
+        # The prompts are tokenized with the policy's tokenizer (the SFT adapter's, when it ships one);
+        # the module checks that the rollout batch splits into minibatches.
+        parser.link_arguments(("model.policy.base_model", "model.policy.sft_adapter"), "data.tokenizer",
+                              compute_fn=tokenizer_path)
         parser.link_arguments("model.policy.trust_remote_code", "data.trust_remote_code")
         parser.link_arguments("data.batch_size", "model.rollout_batch_size")
 

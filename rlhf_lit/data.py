@@ -136,7 +136,8 @@ class PromptDataModule(LightningDataModule):
         prompt_file: JSONL prompt file (records with ``prompt`` or ``messages``, optional ``split``).
         val_file: Optional separate JSONL for validation prompts (overrides the split of prompt_file).
         test_file: Optional separate JSONL for test prompts.
-        tokenizer: Tokenizer folder or Hub id; linked to ``model.policy.base_model`` by the CLI.
+        tokenizer: Tokenizer folder or Hub id; set by the CLI to the SFT adapter's folder when it ships a
+            tokenizer, else ``model.policy.base_model``.
         system_prompt: System turn put before each prompt that has none; None or "" for no system turn.
         chat_template: A Jinja chat template (inline text or a file path) to use instead of the tokenizer's.
         batch_size: Prompts per rollout (the PPO batch); must split into ``model.ppo.num_minibatches``.

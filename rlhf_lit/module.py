@@ -32,6 +32,7 @@ from rlhf_lit.evaluation import TestEvaluator, check_eval_rewards
 from rlhf_lit.lora_precision import LoraComputeCopies
 from rlhf_lit.policy import (
     CRITIC, POLICY, REFERENCE, PolicyConfig, PolicyModel, ResponseOutput, check_adapter_path, resolve_model_path,
+    tokenizer_path,
 )
 from rlhf_lit.ppo import RunningMoments
 from rlhf_lit.rewards.base import RewardBackend
@@ -204,10 +205,17 @@ class PPOModule(LightningModule):
 
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         cfg = self.policy_config
+        tok_name = tokenizer_path(cfg.base_model, cfg.sft_adapter)
         self.tokenizer = AutoTokenizer.from_pretrained(
-            resolve_model_path(cfg.base_model), trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+            resolve_model_path(tok_name), trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision if tok_name == cfg.base_model else None,
         )
         self.model = PolicyModel(cfg, device)
+        rows = self.model.peft.get_base_model().get_input_embeddings().weight.shape[0]
+        if len(self.tokenizer) > rows:  # sampled ids past the table would fail deep inside a CUDA kernel
+            raise ValueError(f"the tokenizer {tok_name!r} has {len(self.tokenizer)} tokens but the model's embedding "
+                             f"{rows} rows (base_model={cfg.base_model!r}, sft_adapter={cfg.sft_adapter!r}): an adapter "
+                             f"trained with added tokens must carry its embeddings and ship its tokenizer")
         self.reward.setup(device)
         for backend in self.eval_rewards:
             backend.setup(device)

@@ -345,15 +345,73 @@ def _load_base(config: PolicyConfig, device: torch.device):
         ) from e
     if config.quantization == "none":
         model.to(device)
-    if config.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None)  # newer transformers; the old name is deprecated
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     model.config.use_cache = True
     return model
+
+
+def _enable_checkpointing(model) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None)  # newer transformers; the old name is deprecated
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+
+
+def tokenizer_path(base_model: str, sft_adapter: Optional[str]) -> str:
+    """The tokenizer to use: the SFT adapter's folder when it ships one (an SFT run that added
+    tokens saves its tokenizer beside the adapter), else the base model's."""
+    if sft_adapter and not sft_adapter.startswith(BUILTIN_PREFIX):
+        folder = Path(sft_adapter).expanduser()
+        if (folder / "tokenizer_config.json").is_file():
+            return str(folder)
+    return base_model
+
+
+def adapter_embedding_rows(adapter_dir: str, embedding_name: str) -> Optional[int]:
+    """Rows of the input-embedding weights an adapter folder carries (``modules_to_save`` copies, or
+    the whole table peft saves after a vocabulary resize), read from the file header; None if none."""
+    folder = Path(adapter_dir).expanduser()
+    st, binary = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    if st.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(st), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    elif binary.is_file():
+        shapes = {k: list(v.shape) for k, v in torch.load(binary, map_location="meta", weights_only=True).items()}
+    else:
+        return None  # a Hub id: peft fetches it, and reports a mismatch itself
+    rows = {shape[0] for k, shape in shapes.items() if f"{embedding_name}." in k and "lora_" not in k}
+    if len(rows) > 1:
+        raise ValueError(f"{adapter_dir}: its {embedding_name} tensors disagree on the vocabulary size ({sorted(rows)})")
+    return rows.pop() if rows else None
+
+
+def _fit_vocabulary(base, config: PolicyConfig) -> None:
+    """Resize the base's token embeddings (and untied LM head) to the rows the adapters carry.
+
+    An SFT run that added tokens (or resized Qwen's padded 152,064-row table to the tokenizer's
+    length) saves embeddings of another size; peft cannot load them into the base as it is. The
+    rows' values come from the adapter when it loads."""
+    emb = base.get_input_embeddings()
+    name = next(n for n, m in base.named_modules() if m is emb)
+    found = {}
+    for option in ("sft_adapter", "policy_adapter"):
+        value = getattr(config, option)
+        if value is not None:
+            rows = adapter_embedding_rows(resolve_model_path(value), name)
+            if rows is not None:
+                found[option] = rows
+    if len(set(found.values())) > 1:
+        raise ValueError(f"model.policy.sft_adapter and model.policy.policy_adapter carry embeddings of different "
+                         f"vocabulary sizes ({found}); they must come from one tokenizer")
+    if not found:
+        return
+    rows, have = next(iter(found.values())), emb.weight.shape[0]
+    if rows != have:
+        log.info("resizing the base vocabulary from %d to %d rows to fit the adapter's embeddings", have, rows)
+        base.resize_token_embeddings(rows, mean_resizing=False)
 
 
 def _load_peft_model(config: PolicyConfig, device: torch.device):
@@ -362,6 +420,9 @@ def _load_peft_model(config: PolicyConfig, device: torch.device):
     check_adapter_path(config.sft_adapter, "sft_adapter")
     check_adapter_path(config.policy_adapter, "policy_adapter")
     base = _load_base(config, device)
+    _fit_vocabulary(base, config)
+    if config.gradient_checkpointing:  # after any resize: the input-grad hook sits on the embedding module
+        _enable_checkpointing(base)
     fresh_lora = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
         target_modules=list(config.lora_target_modules), task_type="CAUSAL_LM",
