@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_cli_e2e import fast_args, run_cli
 from test_policy_wiring import (  # noqa: F401  (assets is a fixture)
-    TARGETS, TEMPERATURE, VOCAB, assets, batch, build_tokenizer, hf_logprobs, masked_max_diff, policy,
+    TEMPERATURE, VOCAB, assets, batch, build_tokenizer, hf_logprobs, masked_max_diff, policy, write_adapter,
 )
 
 from rlhf_lit.policy import REFERENCE, tokenizer_path
@@ -23,26 +23,9 @@ ROWS = 264
 
 
 def write_grown_adapter(base_dir, out_dir, seed: int, modules_to_save=None, rows: int = ROWS) -> None:
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
     tok = build_tokenizer()
     tok.add_tokens(ADDED)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model.resize_token_embeddings(rows, mean_resizing=False)
-    with torch.no_grad():  # the SFT run learned the new rows
-        model.get_input_embeddings().weight[VOCAB:].normal_(0, 0.5)
-        model.get_output_embeddings().weight[VOCAB:].normal_(0, 0.5)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM",
-                      modules_to_save=modules_to_save)
-    pm = get_peft_model(model, lora)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    pm.save_pretrained(out_dir, save_embedding_layers=True)
-    tok.save_pretrained(out_dir)
+    write_adapter(base_dir, out_dir, seed, modules_to_save=modules_to_save, rows=rows, tokenizer=tok)
 
 
 @pytest.fixture(scope="module")

@@ -57,12 +57,19 @@ def tiny_qwen2():
     return Qwen2ForCausalLM(cfg)
 
 
-def write_adapter(base_dir, out_dir, seed: int, modules_to_save=None) -> None:
+def write_adapter(base_dir, out_dir, seed: int, modules_to_save=None, rows=None, tokenizer=None) -> None:
+    """An SFT-like adapter; ``rows``: the SFT run resized the vocabulary (and saved the table) first;
+    ``tokenizer``: saved beside the adapter."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if rows is not None:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+        with torch.no_grad():  # the SFT run learned the new rows
+            model.get_input_embeddings().weight[VOCAB:].normal_(0, 0.5)
+            model.get_output_embeddings().weight[VOCAB:].normal_(0, 0.5)
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS, task_type="CAUSAL_LM",
                       modules_to_save=modules_to_save)
     pm = get_peft_model(model, lora)
@@ -72,7 +79,9 @@ def write_adapter(base_dir, out_dir, seed: int, modules_to_save=None) -> None:
                 p.normal_(0, 0.05)
             elif "modules_to_save" in name:
                 p.add_(torch.randn_like(p) * 0.05)  # the SFT run changed these weights too
-    pm.save_pretrained(out_dir)
+    pm.save_pretrained(out_dir, save_embedding_layers=rows is not None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
 
 
 @pytest.fixture(scope="module")
