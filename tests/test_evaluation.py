@@ -3,13 +3,13 @@ computation), an exported adapter as the policy, and the evaluation notebook."""
 
 import json
 import math
-import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+
+from test_cli_e2e import run_cli
 
 from rlhf_lit import evaluation as ev
 
@@ -21,13 +21,6 @@ LENGTH_EVAL = '--model.eval_rewards=[{"class_path": "rlhf_lit.rewards.LengthPena
 COMPOSITE = ('--model.reward={"class_path": "rlhf_lit.rewards.Composite", "init_args": {"backends": ['
              '{"class_path": "rlhf_lit.rewards.Profanity"}, {"class_path": "rlhf_lit.rewards.LengthPenalty"}], '
              '"weights": [1.0, -0.01]}}')
-
-
-def run_cli(*args: str):
-    from rlhf_lit.cli import main
-
-    with mock.patch.object(sys, "argv", ["python -m rlhf_lit"]):
-        return main(list(args))
 
 
 def fast_args(run_dir: Path, *extra: str) -> list[str]:

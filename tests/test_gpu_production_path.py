@@ -18,28 +18,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_WORDS, VOCAB = 509, 512
 PAD_ID, EOS_ID = 509, 511
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 BATCH, MINIBATCHES, MICRO, NEW_TOKENS = 8, 2, 2, 16
 
 
 def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from test_policy_wiring import build_tokenizer
 
-    vocab = {"<unk>": 0, "system": 1, "user": 2, "assistant": 3}
-    vocab.update({f"w{i}": i for i in range(len(vocab), N_WORDS)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
-                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"],
-                                   padding_side="left", clean_up_tokenization_spaces=False)
-    fast.chat_template = CHAT_TEMPLATE
-    assert (fast.pad_token_id, fast.eos_token_id) == (PAD_ID, EOS_ID)
-    return fast
+    return build_tokenizer(N_WORDS)
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,13 @@ CHAT_TEMPLATE = (
 # ---------------------------------------------------------------------------------------------
 # Fixtures: a tiny random Qwen2, a word-level ChatML tokenizer and two SFT adapters, built once
 # ---------------------------------------------------------------------------------------------
-def build_tokenizer():
+def build_tokenizer(n_words: int = N_WORDS):
+    """Word-level ChatML tokenizer: words ``w4..`` up to ``n_words``, then PAD, <|im_start|>, EOS."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<unk>": 0, "system": 1, "user": 2, "assistant": 3}
-    vocab.update({f"w{i}": i for i in range(len(vocab), N_WORDS)})
+    vocab.update({f"w{i}": i for i in range(len(vocab), n_words)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
@@ -43,7 +44,7 @@ def build_tokenizer():
                                    eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"],
                                    padding_side="left", clean_up_tokenization_spaces=False)
     fast.chat_template = CHAT_TEMPLATE
-    assert (fast.pad_token_id, fast.eos_token_id) == (PAD_ID, EOS_ID)
+    assert (fast.pad_token_id, fast.eos_token_id) == (n_words, n_words + 2)
     return fast
 
 
