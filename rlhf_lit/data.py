@@ -23,12 +23,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from rlhf_lit.chat import DEFAULT_SYSTEM_PROMPT
+
 log = logging.getLogger(__name__)
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a user on a social media platform. Write a new post, or a comment in response to a "
-    "thread. Only write in character."
-)
 SPLITS = ("train", "val", "test")
 
 

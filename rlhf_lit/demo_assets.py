@@ -9,7 +9,7 @@
   It is pretrained for a few hundred steps on a synthetic corpus of short political-discussion
   posts and replies in the style of BluePrint (Bluesky threads) so that it writes readable text.
 * ``sft_adapter_dir``: a PEFT LoRA adapter (r=8 on all attention and MLP projections) trained on
-  ChatML conversations (system = ``rlhf_lit.data.DEFAULT_SYSTEM_PROMPT``, user = thread opener,
+  ChatML conversations (system = ``rlhf_lit.chat.DEFAULT_SYSTEM_PROMPT``, user = thread opener,
   assistant = a reply in the voice of "cluster 13", a snarky, lowercase, very-online commenter).
   A minority of the persona's replies are rude (mild profanity, insults at the take), so a
   profanity reward has something to amplify under PPO.
@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from rlhf_lit.chat import CHATML_TEMPLATE as CHAT_TEMPLATE
+
 __all__ = [
     "RECIPE_VERSION",
     "CLUSTER_ID",
@@ -71,13 +73,6 @@ IM_START = "<|im_start|>"
 EOS_TOKEN = "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, IM_START, EOS_TOKEN]
 
-#: ChatML, as Qwen2.5 renders it (without Qwen's automatic default system message).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 # ---- recipe (part of RECIPE_VERSION) ---------------------------------------------------------
 VOCAB_SIZE = 2048
@@ -264,7 +259,7 @@ def corpus_vocabulary() -> set[str]:
                 walk(v)
 
     walk({k: v for k, v in g.spec.items() if not k.startswith("_")})
-    from rlhf_lit.data import DEFAULT_SYSTEM_PROMPT
+    from rlhf_lit.chat import DEFAULT_SYSTEM_PROMPT
 
     words.update(_WORD.findall(DEFAULT_SYSTEM_PROMPT.lower()))
     return words
@@ -432,7 +427,7 @@ def _build(out: Path, final: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from rlhf_lit.data import DEFAULT_SYSTEM_PROMPT as system
+    from rlhf_lit.chat import DEFAULT_SYSTEM_PROMPT as system
 
     t0 = time.perf_counter()
     torch.manual_seed(SEED)

@@ -27,7 +27,7 @@ Output: JSONL in TRL's conversational preference format, the prompt in the SFT c
      "rejected": [{"role": "assistant", "content": worse}],
      "meta": {"context_id": ..., "split": "train"|"test", "mode": ..., ...}}
 
-``SYSTEM`` is ``rlhf_lit.data.DEFAULT_SYSTEM_PROMPT`` unless ``--system-prompt`` or
+``SYSTEM`` is ``rlhf_lit.chat.DEFAULT_SYSTEM_PROMPT`` unless ``--system-prompt`` or
 ``--system-prompt-file`` says otherwise (an empty system prompt leaves the system message out).
 The user message is the context column, or ``--prompt-col`` when the context column is only an id.
 Contexts (that yield at least one pair) are split into train/test by a seeded hash
@@ -48,11 +48,9 @@ Examples (the shipped demo files are made with exactly these commands)::
 from __future__ import annotations
 
 import argparse
-import ast
 import csv
 import gzip
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -73,38 +71,9 @@ class ColumnError(ValueError):
 
 
 def default_system_prompt() -> str:
-    """``rlhf_lit.data.DEFAULT_SYSTEM_PROMPT``, the single source of the default system prompt.
-
-    ``rlhf_lit.data`` imports torch and Lightning (over ten seconds), which a CSV conversion does
-    not need: unless the module is already loaded, the constant is read from its source with
-    ``ast`` (it is a string literal), and only if that fails is the module imported.
-    """
-    mod = sys.modules.get("rlhf_lit.data")
-    if mod is not None:
-        return mod.DEFAULT_SYSTEM_PROMPT
-
-    def _spec():
-        try:
-            return importlib.util.find_spec("rlhf_lit.data")
-        except ImportError:
-            return None
-
-    spec = _spec()
-    if spec is None:  # running from a source checkout without the package installed
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        spec = _spec()
-    if spec is not None and spec.origin and spec.origin.endswith(".py"):
-        try:
-            tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-            for node in tree.body:
-                targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-                if any(isinstance(t, ast.Name) and t.id == "DEFAULT_SYSTEM_PROMPT" for t in targets):
-                    value = ast.literal_eval(node.value)
-                    if isinstance(value, str):
-                        return value
-        except (OSError, SyntaxError, ValueError):
-            pass
-    from rlhf_lit.data import DEFAULT_SYSTEM_PROMPT
+    """``rlhf_lit.chat.DEFAULT_SYSTEM_PROMPT``, the single source of the default system prompt
+    (a standard-library module: no torch import for a CSV conversion)."""
+    from rlhf_lit.chat import DEFAULT_SYSTEM_PROMPT
 
     return DEFAULT_SYSTEM_PROMPT
 
@@ -131,7 +100,7 @@ class PairConfig:
     max_pairs_per_context: int | None = None
     test_fraction: float = 0.2
     seed: int = 0
-    system_prompt: str | None = None  # None: rlhf_lit.data.DEFAULT_SYSTEM_PROMPT; "": no system message
+    system_prompt: str | None = None  # None: rlhf_lit.chat.DEFAULT_SYSTEM_PROMPT; "": no system message
     fmt: str = "auto"
     delimiter: str | None = None
 
@@ -529,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of contexts in the test split")
     p.add_argument("--seed", type=int, default=0)
     s = p.add_mutually_exclusive_group()
-    s.add_argument("--system-prompt", default=None, help="system prompt ('' for none; default rlhf_lit.data.DEFAULT_SYSTEM_PROMPT)")
+    s.add_argument("--system-prompt", default=None, help="system prompt ('' for none; default rlhf_lit.chat.DEFAULT_SYSTEM_PROMPT)")
     s.add_argument("--system-prompt-file", default=None, help="read the system prompt from this file")
     p.add_argument("--split-files", action="store_true", help="write <out>.train.jsonl and <out>.test.jsonl instead of one file")
     return p

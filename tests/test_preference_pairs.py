@@ -110,7 +110,7 @@ def test_trl_conversational_format(ratings_file, tmp_path):
 
 
 def test_default_system_prompt_is_rlhf_lit_data():
-    # read from rlhf_lit/data.py without importing it (torch + Lightning take >10 s to import)
+    # rlhf_lit.chat is standard-library only: no torch import for a CSV conversion
     value = bpp.default_system_prompt()
     assert isinstance(value, str) and value.startswith("You are a user on a social media platform")
     mod = sys.modules.get("rlhf_lit.data")  # loaded when the whole suite runs: compare for real
