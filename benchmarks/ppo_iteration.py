@@ -229,8 +229,8 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
     from lightning.pytorch.callbacks import Callback
 
     from rlhf_lit.data import PromptDataModule
-    from rlhf_lit.module import PPOConfig, PPOModule
-    from rlhf_lit.policy import PolicyConfig
+    from rlhf_lit.stages import PPOConfig, PPOModule
+    from rlhf_lit.model import PolicyConfig
     from rlhf_lit.rewards.reward_model import RewardModel
     from rlhf_lit.rollout import SamplingConfig
 
@@ -285,7 +285,7 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
             }
             iters.append(row)
             result["iterations"] = iters
-            result["engine"] = type(pl_module.engine).__name__  # after the rollout: an 'auto' fallback shows
+            result["engine"] = pl_module.engine.name  # after the rollout: an 'auto' fallback shows
             if row["peak_gib"] is not None:
                 result["peak_gib"] = max(result.get("peak_gib") or 0.0, row["peak_gib"])
             result["steady"] = _steady(iters)

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from rlhf_lit.fast_rollout import StaticCudaGraphGenerate  # noqa: E402
+from rlhf_lit.rollout.cuda_graph import StaticCudaGraphGenerate  # noqa: E402
 from rlhf_lit.rollout import HFGenerate, SamplingConfig  # noqa: E402
 
 COPY_BW = 3.0e12  # bytes/s, device-to-device copy on the H100 (read + write), shared notes

@@ -1,4 +1,12 @@
-"""``python -m rlhf_lit {fit,validate,test}``: LightningCLI wired for PPO runs."""
+"""``python -m rlhf_lit {fit,validate,test}``: LightningCLI wired for the training stages.
+
+A config (or the command line) that names no ``model.class_path`` is a PPO run, configured as
+``model: {policy: ..., ppo: ...}`` with the prompts of ``data: {...}``: the CLI is built for
+:class:`~rlhf_lit.stages.ppo.PPOModule` and :class:`~rlhf_lit.data.PromptDataModule`, and
+``--help`` lists every field. A config that names one (``model: {class_path: ..., init_args: ...}``,
+or ``--model CLASS``) chooses the stage: the CLI takes any :class:`~rlhf_lit.stages.AdapterStage`
+and any data module (default data: the prompts), as LightningCLI's subclass mode does.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +15,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from rlhf_lit.data import PromptDataModule
-from rlhf_lit.module import PPOModule
-from rlhf_lit.policy import tokenizer_path
+from rlhf_lit.paths import tokenizer_path
+from rlhf_lit.stages.base import AdapterStage
+
+DEFAULT_DATA = "rlhf_lit.data.PromptDataModule"
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -36,15 +46,21 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 class RLHFCLI(LightningCLI):
-    """LightningCLI with the links a PPO run needs."""
+    """LightningCLI with the default stage and the links between the stage and its data."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        model, data = "model.", "data."
+        if self.subclass_mode_model:
+            parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
+            model, data = "model.init_args.", "data.init_args."
         # The prompts are tokenized with the policy's tokenizer (the SFT adapter's, when it ships one);
-        # the module checks that the rollout batch splits into minibatches.
-        parser.link_arguments(("model.policy.base_model", "model.policy.sft_adapter"), "data.tokenizer",
+        # the stage checks that the rollout batch splits into minibatches. In subclass mode a link
+        # whose target the chosen class does not have is skipped.
+        parser.link_arguments((f"{model}policy.base_model", f"{model}policy.sft_adapter"), f"{data}tokenizer",
                               compute_fn=tokenizer_path)
-        parser.link_arguments("model.policy.trust_remote_code", "data.trust_remote_code")
-        parser.link_arguments("data.batch_size", "model.rollout_batch_size")
+        parser.link_arguments(f"{model}policy.trust_remote_code", f"{data}trust_remote_code")
+        parser.link_arguments(f"{model}policy.revision", f"{data}revision")
+        parser.link_arguments(f"{data}batch_size", f"{model}rollout_batch_size")
 
     def before_fit(self) -> None:
         self._place_checkpoints()
@@ -75,18 +91,65 @@ def main(args: Optional[list[str]] = None) -> RLHFCLI:
     import jsonargparse
 
     import rlhf_lit.rewards  # noqa: F401  (registers the reward backends' short class names)
+    import rlhf_lit.stages  # noqa: F401  (and the stages': --model PPOModule)
 
     # The config dataclasses document each field in a docstring under it: make those the --help text.
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
-    return RLHFCLI(
-        PPOModule,
-        PromptDataModule,
-        save_config_callback=SaveRunConfig,
-        auto_configure_optimizers=False,
-        parser_kwargs={"prog": "python -m rlhf_lit"},
-        args=args,
-    )
+    kwargs = dict(save_config_callback=SaveRunConfig, auto_configure_optimizers=False,
+                  parser_kwargs={"prog": "python -m rlhf_lit"})
+    argv = list(sys.argv[1:] if args is None else args)
+    stage = requested_stage(argv)
+    if stage is None:
+        from rlhf_lit.data import PromptDataModule
+        from rlhf_lit.stages.ppo import PPOModule
+
+        return RLHFCLI(PPOModule, PromptDataModule, args=args, **kwargs)
+    kwargs.update(subclass_mode_model=True, subclass_mode_data=True)
+    if any(a in ("-h", "--help") for a in argv) and argv and argv[0] in SUBCOMMANDS:
+        _print_help_with_stage(argv, stage, kwargs)
+    return RLHFCLI(AdapterStage, LightningDataModule, args=args, **kwargs)
+
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def requested_stage(argv: list[str]) -> Optional[str]:
+    """The ``model.class_path`` the command line or its ``--config`` files name (the last one
+    wins, as jsonargparse merges them), or None when none does."""
+    import yaml
+
+    found = None
+    for i, a in enumerate(argv):
+        for flag in ("--model.class_path", "--model", "--config", "-c"):
+            value = argv[i + 1] if a == flag and i + 1 < len(argv) else a[len(flag) + 1:] if a.startswith(flag + "=") \
+                else None
+            if not value:
+                continue
+            if flag in ("--config", "-c") or value.endswith((".yaml", ".yml", ".json")):
+                try:
+                    cfg = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+                except (OSError, yaml.YAMLError):
+                    continue  # jsonargparse reports it, with its own message
+                model = cfg.get("model") if isinstance(cfg, dict) else None
+                if flag not in ("--config", "-c"):
+                    model = cfg
+                if isinstance(model, dict) and model.get("class_path"):
+                    found = str(model["class_path"])
+            elif not value.startswith("-"):
+                found = value
+    return found
+
+
+def _print_help_with_stage(argv: list[str], stage: str, kwargs: dict) -> None:
+    """``fit --help`` for a chosen stage: Lightning's help, then the stage's own options
+    (``--model.help <stage>``), so every ``model.*`` field and its docstring shows."""
+    import contextlib
+
+    with contextlib.suppress(SystemExit):
+        RLHFCLI(AdapterStage, LightningDataModule, args=argv, **kwargs)
+    print(f"\nOptions of the training stage {stage}:\n", flush=True)
+    RLHFCLI(AdapterStage, LightningDataModule, args=[argv[0], "--model.help", stage], **kwargs)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,6 +24,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from rlhf_lit.chat import DEFAULT_SYSTEM_PROMPT
+from rlhf_lit.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class PromptDataModule(LightningDataModule):
         shuffle: Shuffle training prompts each epoch.
         num_workers: DataLoader workers (tokenization is done up front, so 0 is usually right).
         trust_remote_code: Allow custom tokenizer code from the model folder (off unless you trust it).
+        revision: Hub revision of the tokenizer; set by the CLI to ``model.policy.revision``.
     """
 
     def __init__(
@@ -170,6 +172,7 @@ class PromptDataModule(LightningDataModule):
         shuffle: bool = True,
         num_workers: int = 0,
         trust_remote_code: bool = False,
+        revision: Optional[str] = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -188,6 +191,7 @@ class PromptDataModule(LightningDataModule):
         self.max_val_prompts = max_val_prompts
         self.seed, self.shuffle, self.num_workers = seed, shuffle, num_workers
         self.trust_remote_code = trust_remote_code
+        self.revision = revision
         self.tokenizer = None
         self.splits: dict[str, TokenizedPrompts] = {}
 
@@ -235,25 +239,8 @@ class PromptDataModule(LightningDataModule):
                 self.splits[split] = TokenizedPrompts(self._tokenize(by_split[split], split))
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
-
-        from rlhf_lit.policy import resolve_model_path
-
-        tok = AutoTokenizer.from_pretrained(
-            resolve_model_path(self.tokenizer_name), trust_remote_code=self.trust_remote_code
-        )
-        if self.chat_template:
-            p = Path(self.chat_template)
-            tok.chat_template = p.read_text(encoding="utf-8") if p.is_file() else self.chat_template
-        if tok.chat_template is None:
-            raise ValueError(f"tokenizer {self.tokenizer_name!r} has no chat template; set data.chat_template")
-        if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-            raise ValueError(
-                f"tokenizer {self.tokenizer_name!r}: PAD must exist and differ from EOS (PPO derives masks "
-                f"from them); got pad={tok.pad_token!r}, eos={tok.eos_token!r}"
-            )
-        tok.padding_side = "left"
-        return tok
+        return load_tokenizer(self.tokenizer_name, revision=self.revision, trust_remote_code=self.trust_remote_code,
+                              chat_template=self.chat_template)
 
     def _tokenize(self, records: list[PromptRecord], split: str) -> list[dict[str, Any]]:
         items, dropped = [], []

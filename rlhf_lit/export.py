@@ -32,7 +32,7 @@ def export_adapter(peft_model, adapter_name: str, out_dir: str | Path, base_mode
     """
     from safetensors.torch import load_file, save_file
 
-    from rlhf_lit.policy import resolve_model_path
+    from rlhf_lit.paths import resolve_model_path
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)

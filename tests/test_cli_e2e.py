@@ -110,6 +110,8 @@ def test_exported_adapter_reproduces_policy_logprobs(trained_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from rlhf_lit.algos.rollout_batch import ResponseBatch
+
     run_dir, cli = trained_run
     module = cli.model
     adapter = run_dir / "adapter"
@@ -122,8 +124,8 @@ def test_exported_adapter_reproduces_policy_logprobs(trained_run):
     batch = next(iter(cli.datamodule.test_dataloader()))
     trunc, _ = module.sample(batch, module.eval_sampling)
     with torch.no_grad():
-        expected = module.model(batch["input_ids"], batch["attention_mask"], trunc.response_ids,
-                                trunc.response_mask, module.sampling.temperature, values=False).logprobs
+        sampled = ResponseBatch(batch["input_ids"], batch["attention_mask"], trunc.response_ids, trunc.response_mask)
+        expected = module.model(sampled, module.sampling.temperature, values=False).logprobs
         ids = torch.cat([batch["input_ids"], trunc.response_ids], 1)
         mask = torch.cat([batch["attention_mask"], trunc.response_mask.long()], 1)
         logits = loaded(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
@@ -155,7 +157,7 @@ def test_fresh_fit_refuses_to_overwrite_a_run(trained_run):
 @pytest.mark.parametrize("critic", ["value_head", "adapter"])
 def test_resume_mid_epoch_matches_a_straight_run(tmp_path, critic):
     """4 rollouts straight vs 2 + resume + 2: same trained weights and the same metrics."""
-    from rlhf_lit.policy import PolicyModel
+    from rlhf_lit.model import PolicyModel
 
     common = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=0",
               "--trainer.callbacks.init_args.every_n_rollouts=1", f"--model.policy.critic={critic}"]

@@ -16,7 +16,8 @@ from test_policy_wiring import (  # noqa: F401  (assets is a fixture)
     TARGETS, TEMPERATURE, ConstantishReward, assets, batch, hf_logprobs, lora_names, masked_max_diff, policy,
 )
 
-from rlhf_lit.policy import CRITIC, POLICY, REFERENCE, PolicyConfig, PolicyModel
+from rlhf_lit.model import CRITIC, POLICY, REFERENCE, PolicyConfig, PolicyModel
+from rlhf_lit.algos.rollout_batch import ResponseBatch
 
 HEAD = {"value_head.weight", "value_head.bias"}
 
@@ -40,7 +41,7 @@ def grads_of(pm: PolicyModel) -> dict[str, torch.Tensor]:
 
 
 def test_three_adapters_and_the_trained_set(assets):
-    from rlhf_lit.module import PPOModule
+    from rlhf_lit.stages import PPOModule
 
     pm = critic_policy(assets)
     pol, ref, crit = lora_names(pm, POLICY), lora_names(pm, REFERENCE), lora_names(pm, CRITIC)
@@ -81,17 +82,17 @@ def test_critic_starts_as_the_sft_adapter_and_values_come_from_it(assets):
     sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["base"], dtype=torch.float32),
                                     assets["sft"]).eval()
     with torch.no_grad(), pm.role(CRITIC):
-        critic_lp = pm(*b, TEMPERATURE, values=False).logprobs
+        critic_lp = pm(ResponseBatch(*b), TEMPERATURE, values=False).logprobs
     assert masked_max_diff(critic_lp, hf_logprobs(sft, *b), mask) < 1e-5
 
     with pytest.raises(RuntimeError, match="role\\(CRITIC\\)"):
-        pm(*b, TEMPERATURE, values=True)  # the policy's hidden states are not the critic's
+        pm(ResponseBatch(*b), TEMPERATURE, values=True)  # the policy's hidden states are not the critic's
 
     def outputs():
         with torch.no_grad():
-            lp = pm(*b, TEMPERATURE, values=False).logprobs
+            lp = pm(ResponseBatch(*b), TEMPERATURE, values=False).logprobs
             with pm.role(CRITIC):
-                out = pm(*b, TEMPERATURE, values=True, logprobs=False)
+                out = pm(ResponseBatch(*b), TEMPERATURE, values=True, logprobs=False)
         assert out.logprobs is None and out.entropy is None
         return lp, out.values
 
@@ -120,12 +121,12 @@ def test_each_loss_reaches_only_its_adapter(assets, checkpointing):
     pol, crit = lora_names(pm, POLICY), lora_names(pm, CRITIC)
 
     pm.zero_grad(set_to_none=True)
-    (pm(q, qm, r, rm, TEMPERATURE, values=False).logprobs * rm).sum().backward()
+    (pm(ResponseBatch(q, qm, r, rm), TEMPERATURE, values=False).logprobs * rm).sum().backward()
     g_pol = grads_of(pm)
     assert set(g_pol) == pol
 
     def value_loss():
-        return (pm(q, qm, r, rm, TEMPERATURE, logprobs=False).values * rm).square().sum()
+        return (pm(ResponseBatch(q, qm, r, rm), TEMPERATURE, logprobs=False).values * rm).square().sum()
 
     pm.zero_grad(set_to_none=True)
     with pm.role(CRITIC):
@@ -138,7 +139,7 @@ def test_each_loss_reaches_only_its_adapter(assets, checkpointing):
         eager.load_state_dict(pm.state_dict())
         eager.train()
         with eager.role(CRITIC):
-            (eager(q, qm, r, rm, TEMPERATURE, logprobs=False).values * rm).square().sum().backward()
+            (eager(ResponseBatch(q, qm, r, rm), TEMPERATURE, logprobs=False).values * rm).square().sum().backward()
         for n in g_crit:
             torch.testing.assert_close(g_crit[n], dict(eager.named_parameters())[n].grad, msg=n)
 
@@ -160,9 +161,9 @@ def test_compiled_layers_serve_both_adapters(assets):
     def grads(seed):
         pm.zero_grad(set_to_none=True)
         q, qm, r, rm = batch(seed)
-        (pm(q, qm, r, rm, TEMPERATURE, values=False).logprobs * rm).sum().backward()
+        (pm(ResponseBatch(q, qm, r, rm), TEMPERATURE, values=False).logprobs * rm).sum().backward()
         with pm.role(CRITIC):
-            (pm(q, qm, r, rm, TEMPERATURE, logprobs=False).values * rm).square().sum().backward()
+            (pm(ResponseBatch(q, qm, r, rm), TEMPERATURE, logprobs=False).values * rm).square().sum().backward()
         return {n: p.grad.clone() for n, p in pm.trainable_named_parameters()}
 
     eager = grads(0)
@@ -188,9 +189,9 @@ def test_fresh_critic_without_sft_adapter(assets):
     b = batch(7)
     pm.eval()
     with torch.no_grad(), pm.role(CRITIC):
-        critic_lp = pm(*b, TEMPERATURE, values=False).logprobs
+        critic_lp = pm(ResponseBatch(*b), TEMPERATURE, values=False).logprobs
     with torch.no_grad(), pm.role(REFERENCE):
-        base_lp = pm(*b, TEMPERATURE, values=False).logprobs
+        base_lp = pm(ResponseBatch(*b), TEMPERATURE, values=False).logprobs
     assert masked_max_diff(critic_lp, base_lp, b[3].float()) < 1e-6
     # The bare-base reference switched every adapter off and back on: both still train.
     assert {n for n, p in pm.named_parameters() if p.requires_grad} == lora_names(pm, POLICY) | crit | HEAD
@@ -233,7 +234,7 @@ def test_ppo_step_trains_both_adapters_and_the_checkpoint_fits_only_its_kind(tmp
 
     # A checkpoint fits only its own critic kind: a clear error either way, never a silently fresh
     # or silently dropped critic.
-    from rlhf_lit.module import PPOModule
+    from rlhf_lit.stages import PPOModule
 
     def module(critic: str) -> PPOModule:
         m = PPOModule(policy=PolicyConfig(critic=critic), reward=ConstantishReward())

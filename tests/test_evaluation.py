@@ -137,7 +137,7 @@ def test_adapter_of_another_base_model_is_refused(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf_lit.policy import resolve_model_path
+    from rlhf_lit.paths import resolve_model_path
 
     # The demo's architecture at twice the width: every LoRA matrix has another shape.
     cfg = AutoConfig.from_pretrained(resolve_model_path("builtin:demo"))

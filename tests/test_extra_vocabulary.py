@@ -16,7 +16,9 @@ from test_policy_wiring import (  # noqa: F401  (assets is a fixture)
     TEMPERATURE, VOCAB, assets, batch, build_tokenizer, hf_logprobs, masked_max_diff, policy, write_adapter,
 )
 
-from rlhf_lit.policy import REFERENCE, tokenizer_path
+from rlhf_lit.model import REFERENCE
+from rlhf_lit.paths import tokenizer_path
+from rlhf_lit.algos.rollout_batch import ResponseBatch
 
 ADDED = [f"<tag{i}>" for i in range(8)]  # 253 tokens + 8 = 261 > the base's 256 rows
 ROWS = 264
@@ -57,12 +59,12 @@ def test_grown_adapter_loads_with_its_added_tokens(assets, grown, kind):
     b = (q, qm, r, rm)
     pm.eval()
     with torch.no_grad(), pm.role(REFERENCE):
-        ref_lp = pm(*b, TEMPERATURE, values=False).logprobs
+        ref_lp = pm(ResponseBatch(*b), TEMPERATURE, values=False).logprobs
     want = hf_logprobs(peft_reference(assets["base"], grown[kind]), *b)
     assert masked_max_diff(ref_lp, want, rm.float()) < 1e-5
     # The policy starts as the same adapter.
     with torch.no_grad():
-        assert masked_max_diff(pm(*b, TEMPERATURE, values=False).logprobs, want, rm.float()) < 1e-5
+        assert masked_max_diff(pm(ResponseBatch(*b), TEMPERATURE, values=False).logprobs, want, rm.float()) < 1e-5
 
 
 def test_the_adapters_tokenizer_is_used(assets, grown):
@@ -89,8 +91,8 @@ def test_fit_with_a_grown_adapter_trains_and_exports_plain_lora(assets, grown, t
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_named(assets, tmp_path):
-    from rlhf_lit.module import PPOModule
-    from rlhf_lit.policy import PolicyConfig
+    from rlhf_lit.stages import PPOModule
+    from rlhf_lit.model import PolicyConfig
 
     # Added tokens, but the adapter kept no embeddings: sampled ids would run past the table.
     write_grown_adapter(assets["base"], tmp_path / "no_table", seed=5)
@@ -115,10 +117,10 @@ def test_adapters_of_two_vocabularies_are_named(assets, grown, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_grown_adapter_on_an_nf4_base_samples_with_the_fast_engine(assets, grown):
     pytest.importorskip("bitsandbytes")
-    from rlhf_lit.fast_rollout import StaticCudaGraphGenerate
+    from rlhf_lit.rollout.cuda_graph import StaticCudaGraphGenerate
     from rlhf_lit.rollout import SamplingConfig
 
-    from rlhf_lit.policy import PolicyConfig, PolicyModel
+    from rlhf_lit.model import PolicyConfig, PolicyModel
 
     pm = PolicyModel(PolicyConfig(base_model=assets["base"], sft_adapter=grown["table"], quantization="nf4",
                                   dtype="bfloat16"), torch.device("cuda"))
@@ -128,6 +130,6 @@ def test_grown_adapter_on_an_nf4_base_samples_with_the_fast_engine(assets, grown
     pm.eval()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         r = StaticCudaGraphGenerate().generate(pm.peft, q, qm, sampling, [252], 250)
-        lp = pm(q, qm, r, torch.ones_like(r, dtype=torch.bool), 1.0, values=False).logprobs
+        lp = pm(ResponseBatch(q, qm, r, torch.ones_like(r, dtype=torch.bool)), 1.0, values=False).logprobs
     assert r.shape == (q.shape[0], 8) and int(r.max()) < ROWS
     assert torch.isfinite(lp).all()

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GenerationConfig
 
-from rlhf_lit.fast_rollout import (
+from rlhf_lit.rollout.cuda_graph import (
     StaticCudaGraphGenerate, UnsupportedModelError, _unwrap, filter_logits, sample_from_logits,
 )
 from rlhf_lit.rollout import SamplingConfig

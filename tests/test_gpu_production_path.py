@@ -81,8 +81,8 @@ def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = Fa
     from lightning.pytorch.callbacks import Callback
 
     from rlhf_lit.data import PromptDataModule
-    from rlhf_lit.module import PPOConfig, PPOModule
-    from rlhf_lit.policy import CRITIC, POLICY, REFERENCE, PolicyConfig
+    from rlhf_lit.stages import PPOConfig, PPOModule
+    from rlhf_lit.model import CRITIC, POLICY, REFERENCE, PolicyConfig
     from rlhf_lit.rollout import SamplingConfig
 
     out: dict = {}
@@ -93,8 +93,7 @@ def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = Fa
             # before any optimizer step: it must reproduce the log-probs recorded at rollout time.
             self.model.train()
             mb = rollout.select(torch.arange(MICRO, device=rollout.query_ids.device))
-            new = self.model(mb.query_ids, mb.query_mask, mb.response_ids, mb.response_mask,
-                             self.sampling.temperature, values=False)
+            new = self.model(mb.batch, self.sampling.temperature, values=False)
             out["fresh_logprobs"] = new.logprobs.detach().float().cpu()
             out["rollout_logprobs"] = mb.logprobs.float().cpu()
             out["mask"] = mb.response_mask.cpu()
@@ -105,7 +104,7 @@ def one_ppo_step(assets, quantization: str, tmp_path_factory, compile: bool = Fa
         def on_train_start(self, trainer, module):
             out["before"] = {n: p.detach().float().cpu().clone() for n, p in module.model.named_parameters()
                              if "lora_" in n}
-            out["engine"] = type(module.engine).__name__
+            out["engine"] = module.engine.name
             out["base_layer_types"] = {type(m.base_layer).__name__ for m in module.model.modules()
                                        if hasattr(m, "base_layer") and hasattr(m, "lora_A")}
 
@@ -211,8 +210,8 @@ def test_nf4_compiled_critic_adapter_one_ppo_step(assets, tmp_path_factory):
 def test_head_logprobs_on_cuda_match_the_logits_path():
     from torch.nn import functional as F
 
-    from rlhf_lit import ppo
-    from rlhf_lit.head_logprobs import head_logprobs
+    from rlhf_lit.algos.logprobs import entropy_from_logits, logprobs_from_logits
+    from rlhf_lit.algos.head_logprobs import head_logprobs
 
     g = torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(4, 96, 256, device="cuda", generator=g).bfloat16().requires_grad_(True)
@@ -220,8 +219,8 @@ def test_head_logprobs_on_cuda_match_the_logits_path():
     a = torch.randint(0, 32000, (4, 96), device="cuda", generator=g)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = head_logprobs(h, W, a, 0.7, entropy=True)
-        ref = ppo.logprobs_from_logits(F.linear(h, W), a, 0.7)
-        ref_entropy = ppo.entropy_from_logits(F.linear(h, W), 0.7)
+        ref = logprobs_from_logits(F.linear(h, W), a, 0.7)
+        ref_entropy = entropy_from_logits(F.linear(h, W), 0.7)
     torch.testing.assert_close(out.logprobs, ref, atol=1e-4, rtol=0)
     torch.testing.assert_close(out.entropy, ref_entropy.detach(), atol=1e-3, rtol=0)
     gh, = torch.autograd.grad(out.logprobs.sum(), h)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from rlhf_lit import ppo
-from rlhf_lit.head_logprobs import head_logprobs
+from rlhf_lit.algos.logprobs import logprobs_from_logits
+from rlhf_lit.algos.head_logprobs import head_logprobs
 
 
 def test_hand_computed_two_token_vocabulary():
@@ -74,7 +74,7 @@ def test_bf16_autocast_matches_linear_then_log_softmax():
     a = torch.randint(0, 300, (4, 6), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = head_logprobs(h, W, a, 0.7, chunk_tokens=5)
-        ref = ppo.logprobs_from_logits(F.linear(h, W), a, 0.7)
+        ref = logprobs_from_logits(F.linear(h, W), a, 0.7)
     assert out.logprobs.dtype == torch.float32
     torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)
     gh, = torch.autograd.grad(out.logprobs.sum(), h)

@@ -7,8 +7,8 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from rlhf_lit.data import PromptDataModule
-from rlhf_lit.module import PPOConfig, PPOModule
-from rlhf_lit.policy import POLICY, PolicyConfig
+from rlhf_lit.stages import PPOConfig, PPOModule
+from rlhf_lit.model import POLICY, PolicyConfig
 from rlhf_lit.rewards import RewardBackend
 from rlhf_lit.rollout import SamplingConfig
 
@@ -70,13 +70,15 @@ def test_rollout_logprobs_equal_generate_logits():
     with torch.no_grad(), model.role(POLICY):
         out = model.peft.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   generation_config=cfg)
-        from rlhf_lit import ppo
+        from rlhf_lit.algos.responses import truncate_after_stop
+        from rlhf_lit.algos.rollout_batch import ResponseBatch
 
-        trunc = ppo.truncate_after_stop(out.sequences[:, batch["input_ids"].shape[1]:], module.stop_token_ids,
+        trunc = truncate_after_stop(out.sequences[:, batch["input_ids"].shape[1]:], module.stop_token_ids,
                                         tok.pad_token_id)
         gen_logits = torch.stack(out.logits, 1)
         expected = torch.log_softmax(gen_logits.float() / T, -1).gather(-1, trunc.response_ids.unsqueeze(-1)).squeeze(-1)
-        recorded = model(batch["input_ids"], batch["attention_mask"], trunc.response_ids, trunc.response_mask, T).logprobs
+        sampled = ResponseBatch(batch["input_ids"], batch["attention_mask"], trunc.response_ids, trunc.response_mask)
+        recorded = model(sampled, T).logprobs
     m = trunc.response_mask
     torch.testing.assert_close(recorded[m], expected[m], atol=1e-5, rtol=1e-5)
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_lit.lora_precision import LoraComputeCopies, cast_adapter_, lora_linears
-from rlhf_lit.policy import POLICY, REFERENCE
+from rlhf_lit.model.lora_precision import LoraComputeCopies
+from rlhf_lit.model.peft_layers import cast_adapter_, lora_linears
+from rlhf_lit.model import POLICY, REFERENCE
+from rlhf_lit.algos.rollout_batch import ResponseBatch
 from test_policy_wiring import TEMPERATURE, assets, batch, policy  # noqa: F401  (assets is a fixture)
 
 
 def _loss(pm, seed=0):
     q, qm, r, rm = batch(seed)
-    out = pm(q, qm, r, rm, TEMPERATURE)
+    out = pm(ResponseBatch(q, qm, r, rm), TEMPERATURE)
     w = torch.linspace(-1, 1, r.numel()).view_as(r)
     return (out.logprobs * w * rm).sum() + 0.1 * (out.values * rm).square().sum()
 

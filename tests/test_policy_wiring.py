@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf_lit import ppo
-from rlhf_lit.policy import POLICY, REFERENCE, PolicyConfig, PolicyModel
+from rlhf_lit.algos.logprobs import logprobs_from_logits
+from rlhf_lit.algos.rollout_batch import ResponseBatch
+from rlhf_lit.model import POLICY, REFERENCE, PolicyConfig, PolicyModel
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_WORDS, VOCAB = 250, 256  # tokenizer words 0..249, ChatML specials 250..252, model rows 256
@@ -131,12 +132,12 @@ def hf_logprobs(model, q, q_mask, r, r_mask) -> torch.Tensor:
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
     P, R = q.shape[1], r.shape[1]
-    return ppo.logprobs_from_logits(logits[:, P - 1:P + R - 1], r, TEMPERATURE)
+    return logprobs_from_logits(logits[:, P - 1:P + R - 1], r, TEMPERATURE)
 
 
 def logprobs(pm: PolicyModel, b) -> torch.Tensor:
     with torch.no_grad():
-        return pm(*b, TEMPERATURE, values=False).logprobs
+        return pm(ResponseBatch(*b), TEMPERATURE, values=False).logprobs
 
 
 def masked_max_diff(a, b, mask) -> float:
@@ -159,7 +160,7 @@ def lora_names(pm: PolicyModel, adapter: str) -> set[str]:
 # Roles and trainable parameters
 # ---------------------------------------------------------------------------------------------
 def test_adapter_roles_and_optimizer_parameters(assets):
-    from rlhf_lit.module import PPOModule
+    from rlhf_lit.stages import PPOModule
 
     pm = policy(assets)
     policy_lora, ref_lora = lora_names(pm, POLICY), lora_names(pm, REFERENCE)
@@ -271,9 +272,9 @@ def test_dropout_is_off_even_in_train_mode(assets):
     assert attn and all(float(m.attention_dropout) == 0.0 for m in attn)
     b = batch(2)
     torch.manual_seed(0)
-    out1 = pm(*b, TEMPERATURE)
+    out1 = pm(ResponseBatch(*b), TEMPERATURE)
     torch.manual_seed(1)
-    out2 = pm(*b, TEMPERATURE)
+    out2 = pm(ResponseBatch(*b), TEMPERATURE)
     assert torch.equal(out1.logprobs, out2.logprobs) and torch.equal(out1.values, out2.values)
 
 
@@ -301,7 +302,7 @@ def test_micro_batch_size_leaves_update_unchanged(assets, tmp_path, critic):
     import lightning as L
 
     from rlhf_lit.data import PromptDataModule
-    from rlhf_lit.module import PPOConfig, PPOModule
+    from rlhf_lit.stages import PPOConfig, PPOModule
     from rlhf_lit.rollout import SamplingConfig
 
     captured = {}
@@ -321,7 +322,7 @@ def test_micro_batch_size_leaves_update_unchanged(assets, tmp_path, critic):
                 grads = []
                 hook = opt.register_step_pre_hook(lambda o, a, k: grads.append(
                     {n: p.grad.detach().clone() for n, p in self.model.trainable_named_parameters()}))
-                self.ppo.micro_batch_size = micro
+                self.update_step.micro_batch_size = micro
                 torch.manual_seed(99)  # same minibatch permutation for every setting
                 stats = self.ppo_update(rollout)
                 hook.remove()
@@ -415,7 +416,7 @@ def test_modules_to_save_train_when_asked_and_export_plain_lora(assets, tmp_path
     before = {n: p.detach().clone() for n, p in pm.named_parameters()}
     opt = torch.optim.SGD(params.values(), lr=1.0)
     pm.train()
-    out = pm(*batch(4), TEMPERATURE)
+    out = pm(ResponseBatch(*batch(4)), TEMPERATURE)
     (-(out.logprobs * batch(4)[3]).sum() + out.values.pow(2).sum()).backward()
     opt.step()
     after = dict(pm.named_parameters())
@@ -451,7 +452,7 @@ def test_compiled_layers_give_eager_gradients_and_compile_once(assets):
     def grads(seed):
         pm.zero_grad(set_to_none=True)
         q, qm, r, rm = batch(seed)
-        out = pm(q, qm, r, rm, TEMPERATURE)
+        out = pm(ResponseBatch(q, qm, r, rm), TEMPERATURE)
         ((out.logprobs * rm).sum() + (out.values * rm).square().sum()).backward()
         return {n: p.grad.clone() for n, p in pm.trainable_named_parameters()}
 
@@ -472,10 +473,10 @@ def test_compiled_layers_give_eager_gradients_and_compile_once(assets):
 
 
 def test_micro_batch_size_auto_is_the_minibatch_on_the_cpu_and_bad_values_are_named():
-    from rlhf_lit.module import PPOConfig, PPOModule
+    from rlhf_lit.stages import PPOConfig, PPOModule
 
     module = PPOModule(ppo=PPOConfig(num_minibatches=2, micro_batch_size="auto"), rollout_batch_size=8)
-    assert module._micro_batch(4) == 4 and module._micro_batch(8) == 4
+    assert module.update_step.micro_batch(4) == 4 and module.update_step.micro_batch(8) == 4
     with pytest.raises(ValueError, match="micro_batch_size=3 must divide the minibatch size 4"):
         PPOModule(ppo=PPOConfig(num_minibatches=2, micro_batch_size=3), rollout_batch_size=8)
     with pytest.raises(ValueError, match="micro_batch_size='big'"):
@@ -485,7 +486,7 @@ def test_micro_batch_size_auto_is_the_minibatch_on_the_cpu_and_bad_values_are_na
 def test_attention_auto_is_sdpa_without_flash_attn(monkeypatch):
     import importlib.util
 
-    from rlhf_lit.policy import resolve_attn_implementation
+    from rlhf_lit.model.loading import resolve_attn_implementation
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "flash_attn" else real(n, *a))

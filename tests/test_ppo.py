@@ -1,4 +1,4 @@
-"""Tests for :mod:`rlhf_lit.ppo`: every function against small tensors worked out by hand.
+"""Tests for :mod:`rlhf_lit.algos` (PPO maths): every function against small tensors worked out by hand.
 
 Expected values are computed in the tests with plain Python arithmetic on scalars (or written
 out in comments), never by calling the same tensor formula as the implementation.
@@ -12,27 +12,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_lit.ppo import (
-    PolicyLoss,
-    Rollout,
-    RunningMoments,
-    TruncatedResponse,
-    ValueLoss,
-    adaptive_kl_coef,
-    clipped_policy_loss,
-    clipped_value_loss,
-    entropy_from_logits,
-    explained_variance,
-    gae,
-    kl_estimate,
-    kl_penalized_rewards,
-    logprobs_from_logits,
-    masked_mean,
-    masked_sum,
-    masked_var,
-    masked_whiten,
-    truncate_after_stop,
-)
+from rlhf_lit.algos.advantages import gae
+from rlhf_lit.algos.kl import adaptive_kl_coef, kl_estimate
+from rlhf_lit.algos.logprobs import entropy_from_logits, logprobs_from_logits
+from rlhf_lit.algos.losses import PolicyLoss, ValueLoss, clipped_policy_loss, clipped_value_loss
+from rlhf_lit.algos.masked import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf_lit.algos.responses import TruncatedResponse, truncate_after_stop
+from rlhf_lit.algos.reward_shaping import RunningMoments, kl_penalized_rewards
+from rlhf_lit.algos.rollout_batch import Rollout
 
 F64 = torch.float64
 
@@ -772,7 +759,7 @@ def test_rollout_select_returns_rows():
 
 
 def test_largest_divisor_within_budget():
-    from rlhf_lit.ppo import largest_divisor_within
+    from rlhf_lit.stages.update_step import largest_divisor_within
 
     assert largest_divisor_within(16, 1.0, 16.0) == 16
     assert largest_divisor_within(16, 1.0, 15.9) == 8   # 16 does not fit; 8 is the next divisor

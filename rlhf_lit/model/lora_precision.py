@@ -19,27 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-
-def lora_linears(model: nn.Module, adapter: str) -> list[nn.Linear]:
-    """The ``lora_A`` / ``lora_B`` linears of ``adapter`` in every peft LoRA layer of ``model``."""
-    out = []
-    for m in model.modules():
-        for factors in (getattr(m, "lora_A", None), getattr(m, "lora_B", None)):
-            if isinstance(factors, nn.ModuleDict) and adapter in factors and isinstance(factors[adapter], nn.Linear):
-                out.append(factors[adapter])
-    return out
-
-
-def cast_adapter_(model: nn.Module, adapter: str, dtype: torch.dtype) -> int:
-    """Store a frozen adapter's LoRA factors in ``dtype`` (what autocast computes with anyway).
-
-    Returns the number of tensors cast."""
-    linears = lora_linears(model, adapter)
-    for lin in linears:
-        if lin.weight.requires_grad:
-            raise ValueError(f"adapter {adapter!r} is trainable; only a frozen adapter can be stored in {dtype}")
-        lin.weight.data = lin.weight.data.to(dtype)
-    return len(linears)
+from rlhf_lit.model.peft_layers import lora_linears
 
 
 class LoraComputeCopies:

@@ -1,5 +1,8 @@
 """Fast rollouts: a static KV cache and the one-token decode step replayed as a CUDA graph.
 
+Over 500 lines as one idea: the plan of the model, the static state, the capture and the decode
+step are one engine, and read best together.
+
 Why a graph
 -----------
 Decoding a 7B model at PPO batch sizes is memory-bandwidth bound on the GPU: each step reads every
@@ -83,7 +86,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rollout import RolloutEngine, SamplingConfig
+from rlhf_lit.model.peft_layers import fuse_rows_as_views, is_lora_layer, lora_state_signature, lora_view
+from rlhf_lit.rollout.base import RolloutEngine, SamplingConfig
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -91,14 +95,6 @@ _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 class UnsupportedModelError(NotImplementedError):
     """The model is not a Llama-family decoder this engine knows how to run."""
-
-
-def _lora_layer_cls():
-    try:
-        from peft.tuners.lora import LoraLayer
-    except Exception:  # pragma: no cover - peft is a dependency, but keep the engine importable
-        return None
-    return LoraLayer
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -130,34 +126,22 @@ class _Proj:
         self.module = module
         self.kind = "module"  # "module": call as a black box; "linear": F.linear; "base": call base
         self.base: Optional[nn.Module] = None
-        self.sources: list[tuple[nn.Module, str]] = []  # (lora layer, adapter name)
+        self.sources: list = []  # peft_layers.LoraSource: the active adapters' factors
         self.r = 0
         self.out_features = 0
         self.in_features = 0
         self.B: Optional[Tensor] = None  # (out, r) snapshot of scaling * B, activation dtype
         self.a0 = self.a1 = 0  # slice of the group's LoRA-A product
-        lora_cls = _lora_layer_cls()
-        if lora_cls is not None and isinstance(module, lora_cls):
-            if lora_mode != "fused":
-                return
-            merged, disabled = bool(module.merged), bool(module.disable_adapters)
-            if merged and disabled:
-                return  # peft unmerges inside forward: leave it to peft
-            base = module.get_base_layer()
-            if not (merged or disabled):
-                active = [n for n in module.active_adapters if n in module.lora_A]
-                for n in active:
-                    if n in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(n, False):
-                        return  # DoRA & co: peft's own forward
-                    a, b = module.lora_A[n], module.lora_B[n]
-                    if type(a) is not nn.Linear or type(b) is not nn.Linear or b.bias is not None:
-                        return
-                self.sources = [(module, n) for n in active]
-                self.r = sum(module.lora_A[n].weight.shape[0] for n in active)
-                if active:
-                    self.in_features = module.lora_A[active[0]].weight.shape[1]
-                    self.out_features = module.lora_B[active[0]].weight.shape[0]
-            self.base = base
+        if is_lora_layer(module):
+            view = lora_view(module) if lora_mode == "fused" else None
+            if view is None:
+                return  # peft's own forward: merged-and-disabled, DoRA & co, or lora="module"
+            self.sources = view.sources
+            if self.sources:
+                self.r = sum(src.A.shape[0] for src in self.sources)
+                self.in_features = self.sources[0].A.shape[1]
+                self.out_features = self.sources[0].B.shape[0]
+            self.base = view.base
         else:
             self.base = module
         self.kind = "linear" if type(self.base) is nn.Linear else "base"
@@ -210,12 +194,11 @@ class _Group:
                 continue
             row = p.a0
             col = 0
-            for layer, name in p.sources:
-                a_w = layer.lora_A[name].weight
-                b_w = layer.lora_B[name].weight
+            for src in p.sources:
+                a_w = src.A
                 r = a_w.shape[0]
                 self.A[row:row + r].copy_(a_w)
-                p.B[:, col:col + r].copy_(b_w * layer.scaling[name])
+                p.B[:, col:col + r].copy_(src.B * src.scaling)
                 row += r
                 col += r
 
@@ -236,10 +219,10 @@ class _FusedLinear:
         self.projs = list(projs)
         self.sizes = [p.base.weight.shape[0] for p in self.projs]
         n = sum(self.sizes)
-        self.W = _shared_rows(self.projs[0].base, "weight", [p.base.weight for p in self.projs])
+        self.W = fuse_rows_as_views(self.projs[0].base, "weight", [p.base.weight for p in self.projs])
         biases = [p.base.bias for p in self.projs]
         if all(b is not None for b in biases):
-            self.b, self._copy_bias = _shared_rows(self.projs[0].base, "bias", biases), False
+            self.b, self._copy_bias = fuse_rows_as_views(self.projs[0].base, "bias", biases), False
         else:  # some have a bias: zeros for the others, copied every call
             has_bias = any(b is not None for b in biases)
             self.b = torch.zeros(n, dtype=dtype, device=device) if has_bias else None
@@ -266,38 +249,6 @@ class _FusedLinear:
         if self.Bd is not None:
             y.addmm_(a, self.Bd.t())
         return y
-
-
-def _shared_rows(owner: nn.Module, kind: str, params: Sequence[Tensor]) -> Tensor:
-    """One tensor whose consecutive row blocks are ``params``, which become views of it.
-
-    The tensor is remembered on ``owner`` and reused while every parameter still views it (a
-    ``model.to(...)`` or a replaced parameter breaks that: the parameters are then moved again)."""
-    attr = f"_rlhf_lit_fused_{kind}"
-    buf = getattr(owner, attr, None)
-    if buf is not None and _views_rows_of(buf, params):
-        return buf
-    buf = torch.empty((sum(p.shape[0] for p in params), *params[0].shape[1:]), dtype=params[0].dtype,
-                      device=params[0].device)
-    off = 0
-    with torch.no_grad():
-        for p in params:
-            n = p.shape[0]
-            buf[off:off + n].copy_(p)
-            p.data = buf[off:off + n]  # the old storage is freed here, block by block
-            off += n
-    setattr(owner, attr, buf)
-    return buf
-
-
-def _views_rows_of(buf: Tensor, params: Sequence[Tensor]) -> bool:
-    off = 0
-    for p in params:
-        n = p.shape[0]
-        if off + n > buf.shape[0] or p.data_ptr() != buf[off].data_ptr() or p.shape != buf[off:off + n].shape:
-            return False
-        off += n
-    return off == buf.shape[0]
 
 
 @dataclass
@@ -391,8 +342,7 @@ class _Plan:
         self.lm_head = _Proj(lm.lm_head, lora_mode)
         self.lm_grp = _Group([self.lm_head], dt, dev)
         self.groups = [g for L in self.layers for g in (L.qkv, L.o_grp, L.gu, L.d_grp)] + [self.lm_grp]
-        lora_cls = _lora_layer_cls()
-        self.lora_modules = [m for m in lm.modules() if lora_cls is not None and isinstance(m, lora_cls)]
+        self.lora_modules = [m for m in lm.modules() if is_lora_layer(m)]
 
     def refresh(self) -> None:
         with torch.no_grad():
@@ -405,10 +355,7 @@ class _Plan:
 
 def _model_signature(model: nn.Module, lora_modules: Sequence[nn.Module]) -> tuple:
     ptrs = tuple((p.data_ptr(), p.dtype, tuple(p.shape)) for p in model.parameters())
-    lora = tuple(
-        (tuple(m.active_adapters), bool(m.merged), bool(m.disable_adapters)) for m in lora_modules
-    )
-    return (id(model), ptrs, lora)
+    return (id(model), ptrs, lora_state_signature(lora_modules))
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ one ``logsumexp`` per position, and the backward recomputes each chunk's logits 
 GEMM) to form its gradient. Peak extra memory: a few ``chunk_tokens x V`` fp32 buffers, whatever
 the micro-batch.
 
-Numerics match ``ppo.logprobs_from_logits(lm_head(h), ...)`` under autocast: the head's product
-runs in the autocast dtype (bf16 on a GPU) and everything after it in fp32.
+Numerics match :func:`rlhf_lit.algos.logprobs.logprobs_from_logits` of ``lm_head(h)`` under autocast:
+the head's product runs in the autocast dtype (bf16 on a GPU) and everything after it in fp32.
 """
 
 from __future__ import annotations

@@ -1,9 +1,4 @@
-"""Rollout engines: turn a batch of left-padded prompts into sampled responses.
-
-The PPO module never calls ``generate`` itself; it asks an engine, chosen in the config. Engines
-return tokens only: the module recomputes old log-probs with the same forward pass it trains
-with, so the PPO ratio starts at exactly 1 whatever the engine does internally.
-"""
+"""What every rollout engine is: the sampling settings and the engine interface."""
 
 from __future__ import annotations
 
@@ -67,31 +62,10 @@ class RolloutEngine(ABC):
             ``(B, R)`` new tokens with ``R <= sampling.max_new_tokens``, PAD after each stop token.
         """
 
+    @property
+    def name(self) -> str:
+        """The engine that samples (for a fallback wrapper: the one in use now)."""
+        return type(self).__name__
+
     def release(self) -> None:
         """Free memory held between rollouts (caches, graphs) so the update phase gets it back."""
-
-
-class HFGenerate(RolloutEngine):
-    """transformers' ``generate`` with a dynamic KV cache: works everywhere (CPU included).
-
-    A generation config is built from scratch so a model's shipped defaults (Qwen2.5 ships
-    ``repetition_penalty=1.05, top_k=20, top_p=0.8``) never change the sampling distribution.
-    """
-
-    @torch.no_grad()
-    def generate(self, model, input_ids, attention_mask, sampling, stop_token_ids, pad_token_id):
-        from transformers import GenerationConfig
-
-        config = GenerationConfig(
-            do_sample=True,
-            temperature=sampling.temperature,
-            top_k=sampling.top_k,
-            top_p=sampling.top_p,
-            max_new_tokens=sampling.max_new_tokens,
-            min_new_tokens=sampling.min_new_tokens,
-            eos_token_id=list(stop_token_ids),
-            pad_token_id=pad_token_id,
-            repetition_penalty=1.0,
-        )
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        return out[:, input_ids.shape[1]:]

@@ -1,0 +1,65 @@
+"""Choosing the rollout engine (``model.rollout_engine``), and falling back when it cannot run.
+
+``auto`` is the CUDA-graph engine on a GPU and HF ``generate`` on the CPU; when the CUDA-graph
+engine meets a model it does not know (not a Llama-family decoder), ``auto`` falls back to
+``generate`` for the rest of the run, with a warning. An explicit ``cuda_graph`` fails instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+
+from rlhf_lit.rollout.base import RolloutEngine
+from rlhf_lit.rollout.hf_generate import HFGenerate
+
+log = logging.getLogger(__name__)
+
+EngineName = Literal["auto", "hf", "cuda_graph"]
+
+
+class FallbackEngine(RolloutEngine):
+    """Samples with ``primary`` until it raises ``UnsupportedModelError``, then with HF ``generate``."""
+
+    def __init__(self, primary: RolloutEngine) -> None:
+        self.active = primary
+
+    @property
+    def name(self) -> str:
+        return self.active.name
+
+    def generate(self, model, input_ids, attention_mask, sampling, stop_token_ids, pad_token_id):
+        from rlhf_lit.rollout.cuda_graph import UnsupportedModelError
+
+        try:
+            return self.active.generate(model, input_ids, attention_mask, sampling, stop_token_ids, pad_token_id)
+        except UnsupportedModelError as e:
+            if isinstance(self.active, HFGenerate):
+                raise
+            log.warning("rollout_engine=auto: falling back to HF generate (%s)", e)
+            self.active.release()
+            self.active = HFGenerate()
+            return self.active.generate(model, input_ids, attention_mask, sampling, stop_token_ids, pad_token_id)
+
+    def release(self) -> None:
+        self.active.release()
+
+
+def make_engine(name: EngineName, device: torch.device) -> RolloutEngine:
+    """The engine ``name`` for ``device``.
+
+    Raises:
+        ValueError: ``cuda_graph`` without a CUDA device, or an unknown name.
+    """
+    if name == "hf" or (name == "auto" and device.type != "cuda"):
+        return HFGenerate()
+    if name not in ("auto", "cuda_graph"):
+        raise ValueError(f"model.rollout_engine={name!r}: expected 'auto', 'hf' or 'cuda_graph'")
+    if device.type != "cuda":
+        raise ValueError("model.rollout_engine=cuda_graph needs a CUDA GPU; use 'hf' or 'auto' on the CPU")
+    from rlhf_lit.rollout.cuda_graph import StaticCudaGraphGenerate
+
+    engine = StaticCudaGraphGenerate()
+    return FallbackEngine(engine) if name == "auto" else engine

@@ -1,0 +1,216 @@
+"""What every training stage shares: the model, the optimizer, checkpoints, the RNG, the export.
+
+A stage is a LightningModule that trains adapters on the one base model (PPO; later DPO and a
+reward model). It is chosen by the config's ``model.class_path``. This base class owns:
+
+- building the tokenizer and the :class:`~rlhf_lit.model.PolicyModel` (``configure_model``), and
+  the hook :meth:`AdapterStage.setup_components` for what a stage adds (rewards, a rollout engine);
+- the optimizer over the trained weights (policy adapter, value head, critic adapter);
+- checkpoints that hold the trained weights, the optimizer, the RNG and the stage's own state
+  (:meth:`AdapterStage.stage_state`), never the base model; loading refuses a checkpoint written
+  for another model;
+- seeding (one seed per rank) and the exact RNG continuation of a resumed run;
+- the export of the trained policy adapter as a plain PEFT folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from rlhf_lit.model import POLICY, PolicyConfig, PolicyModel
+from rlhf_lit.paths import check_adapter_path, tokenizer_path
+from rlhf_lit.run_logging import RunLog, run_dir
+from rlhf_lit.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def default_optimizer(params) -> torch.optim.Optimizer:
+    """AdamW with eps 1e-5 (the PPO custom)."""
+    return torch.optim.AdamW(params, lr=1e-5, eps=1e-5, weight_decay=0.0)
+
+
+class AdapterStage(LightningModule):
+    """Base class of the training stages (see the module docstring).
+
+    Args:
+        policy: Base model, SFT adapter and loading options.
+        optimizer: Optimizer over the trained weights.
+        lr_scheduler: Optional scheduler (a stage says when it steps).
+        output_dir: Where the trained policy adapter is exported (PEFT folder); default ``<log dir>/adapter``.
+        seed: Seed of the stage's randomness (each data-parallel rank adds its rank).
+    """
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        output_dir: Optional[str] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the trained weights; checked in on_load_checkpoint
+        self.policy_config = policy
+        self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
+        self.output_dir = output_dir
+        self.seed = seed
+        check_adapter_path(policy.sft_adapter, "sft_adapter")
+        check_adapter_path(policy.policy_adapter, "policy_adapter")
+        self.model: Optional[PolicyModel] = None
+        self.tokenizer = None
+        self._pending_rng: Optional[dict] = None
+        self._run_log: Optional[RunLog] = None
+
+    # ---------------------------------------------------------------------------------------
+    # Setup
+    # ---------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:  # runs for fit and for test: build once
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        cfg = self.policy_config
+        self.tokenizer = self._load_tokenizer()
+        self.model = PolicyModel(cfg, device)
+        rows = self.model.peft.get_base_model().get_input_embeddings().weight.shape[0]
+        if len(self.tokenizer) > rows:  # sampled ids past the table would fail deep inside a CUDA kernel
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's embedding "
+                             f"{rows} rows (base_model={cfg.base_model!r}, sft_adapter={cfg.sft_adapter!r}): an adapter "
+                             f"trained with added tokens must carry its embeddings and ship its tokenizer")
+        self.setup_components(device)
+
+    def _load_tokenizer(self):
+        """The data module's tokenizer when there is one (prompts were tokenized with it), else the
+        same one loaded here."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        tok = getattr(datamodule, "tokenizer", None)
+        if tok is not None:
+            return tok
+        cfg = self.policy_config
+        return load_tokenizer(tokenizer_path(cfg.base_model, cfg.sft_adapter), revision=cfg.revision,
+                              trust_remote_code=cfg.trust_remote_code)
+
+    def setup_components(self, device: torch.device) -> None:
+        """What a stage needs besides the model (reward backends, a rollout engine); once."""
+
+    def configure_optimizers(self):
+        params = [p for _, p in self.model.trainable_named_parameters()]
+        if not params:
+            raise RuntimeError("no trainable parameters: the policy adapter did not load as trainable")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    def _clock(self) -> float:
+        """Wall time after the GPU has finished queued work, so phase timings add up."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    # ---------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ---------------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        # Restored RNG continues a resumed run exactly; a fresh run gets one seed per rank.
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+        else:
+            torch.manual_seed(self.seed + self.global_rank)
+            random.seed(self.seed + self.global_rank)
+        self._run_log = RunLog(self.trainer)
+
+    def on_train_end(self) -> None:
+        self.export_adapter()
+
+    def export_adapter(self) -> Optional[Path]:
+        """Write the policy adapter as a PEFT folder (atomically; rank 0 only)."""
+        from rlhf_lit.export import export_adapter
+
+        log_dir = run_dir(self.trainer)  # a broadcast: every rank must ask
+        if not self.trainer.is_global_zero:
+            return None
+        if not self.output_dir and not log_dir:
+            log.warning("no model.output_dir and no logger folder: the trained adapter is not exported")
+            return None
+        out = Path(self.output_dir) if self.output_dir else Path(log_dir) / "adapter"
+        path = export_adapter(self.model.peft, POLICY, out, base_model=self.policy_config.base_model)
+        log.info("exported the policy adapter to %s", path)
+        return path
+
+    # ---------------------------------------------------------------------------------------
+    # Checkpoints: trained weights + optimizer + stage state + RNG, never the base model
+    # ---------------------------------------------------------------------------------------
+    def stage_state(self) -> dict[str, Any]:
+        """The stage's own state for checkpoints (counters, controllers); picklable."""
+        return {}
+
+    def load_stage_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`stage_state` saved (keys may be missing in older checkpoints)."""
+
+    def _trainable_keys(self, state_dict: dict[str, Any]) -> list[str]:
+        return [k for k in state_dict if k.startswith("model.") and PolicyModel.is_trainable_key(k[len("model."):])]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {k: sd[k] for k in self._trainable_keys(sd)}
+        checkpoint["rlhf_lit"] = {
+            "base_model": self.policy_config.base_model,
+            "sft_adapter": self.policy_config.sft_adapter,
+            "critic": self.policy_config.critic,
+            **self.stage_state(),
+            "rng": get_rng_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sd = checkpoint.get("state_dict", {})
+        own = self.state_dict()
+        expected = self._trainable_keys(own)
+        missing = [k for k in expected if k not in sd]
+        wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+        # Trained tensors this model has no place for (e.g. a critic adapter) must not vanish silently.
+        unexpected = [k for k in self._trainable_keys(sd) if k not in own]
+        meta = checkpoint.get("rlhf_lit", {})
+        where = (f"base_model={meta.get('base_model')!r}, sft_adapter={meta.get('sft_adapter')!r}, "
+                 f"critic={meta.get('critic', 'value_head')!r}")
+        if missing or wrong or unexpected:
+            example = (missing or wrong or unexpected)[0]
+            raise RuntimeError(
+                f"this checkpoint does not fit the configured model ({len(missing)} trained tensors missing, "
+                f"{len(wrong)} of another shape, {len(unexpected)} unexpected, e.g. {example!r}); it was "
+                f"written for {where}, the config "
+                f"has base_model={self.policy_config.base_model!r}, sft_adapter={self.policy_config.sft_adapter!r}, "
+                f"critic={self.policy_config.critic!r}"
+            )
+        self.load_stage_state(meta)
+        self._pending_rng = meta.get("rng")
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Torch (CPU and every CUDA device) and Python RNG states."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned (the Python state may come back as lists)."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(i) for i in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,185 @@
+"""The optimizer step every training stage shares.
+
+One call of :meth:`UpdateStep.step` is one optimizer step over a minibatch:
+
+1. zero the gradients;
+2. for each micro-batch, backpropagate every loss the stage yields for it (the stage scales each by
+   its share of the minibatch's aggregate, :mod:`rlhf_lit.algos.aggregation`, so micro-batching
+   never changes the loss or the gradients);
+3. sum the gradients over data-parallel ranks (the aggregate's denominator is the global
+   minibatch's, so the sum is the gradient of the global aggregate);
+4. clip to ``max_grad_norm``, step the optimizer, refresh the bf16 LoRA compute copies.
+
+Around the steps of one update phase, :meth:`UpdateStep.phase` puts the model in train mode, swaps
+in the bf16 LoRA compute copies and the compiled decoder layers, and frees the gradients at the end.
+``micro_batch_size: auto`` is measured once, at the first update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Iterable, Iterator, Literal, Optional, Union
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+MicroBatchSize = Union[int, Literal["auto"], None]
+
+
+def largest_divisor_within(n: int, cost_each: float, budget: float) -> int:
+    """The largest divisor ``d`` of ``n`` with ``d * cost_each <= budget`` (at least 1).
+
+    Picks a micro-batch that divides the minibatch evenly and fits a memory budget.
+
+    Raises:
+        ValueError: ``n < 1``.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    fits = [d for d in range(1, n + 1) if n % d == 0 and d * cost_each <= budget]
+    return max(fits, default=1)
+
+
+def check_micro_batch_size(micro: MicroBatchSize, minibatch: int, where: str) -> None:
+    """Raises ValueError, naming ``model.ppo.micro_batch_size`` and ``where`` the minibatch size
+    comes from, unless ``micro`` is None, ``auto`` or a positive divisor of ``minibatch``."""
+    if micro is None or micro == "auto":
+        return
+    if isinstance(micro, str):
+        raise ValueError(f"model.ppo.micro_batch_size={micro!r}: expected a positive integer that divides the "
+                         f"minibatch size {minibatch}, 'auto' or null")
+    if micro < 1 or minibatch % micro:
+        raise ValueError(f"model.ppo.micro_batch_size={micro} must divide the minibatch size {minibatch} ({where})")
+
+
+class UpdateStep:
+    """Micro-batch accumulation, bf16 LoRA copies, gradient reduction over ranks, clipping, step.
+
+    Args:
+        module: the LightningModule whose optimizer, strategy and ``model`` (a
+            :class:`~rlhf_lit.model.PolicyModel`) are used.
+        micro_batch_size: rows per forward/backward; None = the whole minibatch; ``auto``: the
+            largest divisor of the minibatch whose activations fit in 80% of the free GPU memory
+            (measured once; on the CPU the whole minibatch).
+        max_grad_norm: clip the global gradient norm to this (None: no clipping; the norm is returned
+            either way).
+        minibatch_size: the stage's minibatch size: what ``auto`` stands for before it is measured.
+    """
+
+    def __init__(self, module, micro_batch_size: MicroBatchSize, max_grad_norm: Optional[float],
+                 minibatch_size: int) -> None:
+        self.module = module
+        self.micro_batch_size = micro_batch_size
+        self.max_grad_norm = max_grad_norm
+        self.minibatch_size = minibatch_size
+        self.measured: Optional[int] = None  # micro_batch_size: auto, measured at the first update
+        self._lora = None
+
+    # ------------------------------------------------------------------------------------------
+    def micro_batch(self, rows: int) -> int:
+        """Rows per forward for a (mini)batch of ``rows``: the configured or measured size."""
+        micro = self.micro_batch_size
+        if micro == "auto":  # before the first update measured it: one minibatch's worth
+            micro = self.measured or self.minibatch_size
+        return min(micro or rows, rows)
+
+    @property
+    def world_size(self) -> int:
+        return self.module.trainer.world_size
+
+    def global_sum(self, x: Tensor) -> Tensor:
+        """``x`` summed over data-parallel ranks (itself on one rank): a minibatch's aggregate
+        denominator over the global minibatch."""
+        if self.world_size == 1:
+            return x
+        return self.module.trainer.strategy.reduce(x, reduce_op="sum")
+
+    @contextlib.contextmanager
+    def phase(self) -> Iterator["UpdateStep"]:
+        """An update phase: train mode, bf16 LoRA compute copies, compiled layers; the gradients
+        are freed at the end (none are held through the next rollout)."""
+        model = self.module.model
+        model.train()
+        with model.lora_compute_copies() as lora, model.compiled():
+            self._lora = lora
+            try:
+                yield self
+            finally:
+                self._lora = None
+        self.module.optimizers().zero_grad(set_to_none=True)
+
+    def measure(self, probe: Callable[[], Tensor], length_scale: float = 1.0) -> None:
+        """``micro_batch_size: auto``: the peak memory of one row's forward + backward (``probe``
+        returns the scalar to backpropagate), times ``length_scale`` for the longest possible row,
+        against 80% of the free GPU memory. Runs once; its gradients are discarded."""
+        if self.micro_batch_size != "auto" or self.measured is not None:
+            return
+        device = self.module.device
+        if device.type != "cuda":
+            self.measured = self.minibatch_size
+            return
+        torch.cuda.synchronize(device)
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+            - torch.cuda.memory_allocated(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        loss = probe()
+        with self._no_backward_sync():
+            loss.backward()
+        per_row = (torch.cuda.max_memory_allocated(device) - base) * length_scale
+        self._lora.collect_grads()
+        self.module.optimizers().zero_grad(set_to_none=True)
+        self.measured = largest_divisor_within(self.minibatch_size, per_row, 0.8 * free)
+        log.info("micro_batch_size=auto: %d (%.2f GiB per sequence, %.1f GiB free)", self.measured,
+                 per_row / 2**30, free / 2**30)
+
+    def step(self, index: Tensor, micro_losses: Callable[[Tensor], Iterable[Tensor]]) -> Tensor:
+        """One optimizer step over the minibatch ``index`` (row indices).
+
+        Args:
+            index: ``(b,)`` long, the minibatch's rows.
+            micro_losses: called with each micro-batch's rows; yields the losses to backpropagate,
+                each already scaled by the micro-batch's share of the minibatch aggregate. The
+                generator may hold a context (an adapter role) open across a yield: each loss is
+                backpropagated before the generator resumes.
+        Returns:
+            The gradient norm before clipping (a 0-dim tensor, not synchronised to the host).
+        """
+        opt = self.module.optimizers()
+        # The optimizer's parameters: the fp32 masters, whatever the modules hold during the phase.
+        params = [p for group in opt.param_groups for p in group["params"]]
+        micro = self.micro_batch(len(index))
+        opt.zero_grad()
+        for m in range(0, len(index), micro):
+            for loss in micro_losses(index[m:m + micro]):
+                with self._no_backward_sync():
+                    self.module.manual_backward(loss)
+                self._lora.collect_grads()
+        self._sum_gradients_over_ranks(params)
+        max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        opt.step()
+        self._lora.refresh()
+        return grad_norm
+
+    # ------------------------------------------------------------------------------------------
+    def _no_backward_sync(self):
+        """Keep DDP's backward hooks out: an update makes many backward passes per DDP forward,
+        which its reducer does not expect. Gradients are reduced explicitly instead."""
+        block = getattr(self.module.trainer.strategy, "block_backward_sync", None)
+        return block() if block is not None and self.world_size > 1 else contextlib.nullcontext()
+
+    def _sum_gradients_over_ranks(self, params: list[Tensor]) -> None:
+        """One flat all-reduce of every gradient (zeros for parameters without one)."""
+        if self.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.module.trainer.strategy.reduce(flat, reduce_op="sum")
+        offset = 0
+        for p, g in zip(params, grads):
+            p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
+            offset += g.numel()
