@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from rlhf_lit.jsonl import write_jsonl_atomic
+from rlhf_lit.atomic_files import write_jsonl_atomic
 
 
 class RunLog:
