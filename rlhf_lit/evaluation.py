@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from torch import Tensor
 from torchmetrics import CatMetric, Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from rlhf_lit.atomic_files import write_bytes_atomic, write_text_atomic
 from rlhf_lit.rewards.base import RewardBackend, RewardOutput
 
 log = logging.getLogger(__name__)
@@ -441,12 +443,6 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def write_report(run_dir: Path, report: dict[str, Any], rows: list[dict[str, Any]], n_examples: int = 3,
                  seed: int = 0, writer=None, step: int = 0) -> None:
     """Write ``report.json``, ``reward_histogram.png`` and ``report.md`` into ``run_dir``, and the
@@ -456,16 +452,16 @@ def write_report(run_dir: Path, report: dict[str, Any], rows: list[dict[str, Any
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     public["files"] = {"report": REPORT_MD, "histogram": HISTOGRAM_PNG, "test_samples": TEST_SAMPLES,
                        "training_samples": TRAIN_SAMPLES}
-    _atomic_write(run_dir / REPORT_JSON, json.dumps(_clean(public), indent=2, ensure_ascii=False).encode())
+    write_text_atomic(run_dir / REPORT_JSON, json.dumps(_clean(public), indent=2, ensure_ascii=False))
 
     fig = histogram_figure(report, columns)
-    buf = run_dir / f".{HISTOGRAM_PNG}.tmp"
-    fig.savefig(buf, format="png", dpi=110)
-    buf.replace(run_dir / HISTOGRAM_PNG)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    write_bytes_atomic(run_dir / HISTOGRAM_PNG, png.getvalue())
 
     examples = pick_examples(rows, n_examples, seed)
     md = render_markdown(public, examples)
-    _atomic_write(run_dir / REPORT_MD, md.encode("utf-8"))
+    write_text_atomic(run_dir / REPORT_MD, md)
 
     if writer is not None:
         for k, v in flatten({k: public[k] for k in ("scores", "kl", "length", "eos_rate", "distinct")}).items():
