@@ -284,7 +284,7 @@ class TestEvaluator:
 
     def finish(self, module) -> dict[str, float]:
         """Compute the report (all ranks), write it (rank 0), return the headline metrics to log."""
-        from rlhf_lit.run_logging import RunLog, run_dir
+        from rlhf_lit.run_logging import RunLog, run_dir, tensorboard_writer
 
         trainer = module.trainer
         log_dir = run_dir(trainer)  # a broadcast under DDP: every rank reads it exactly once
@@ -297,7 +297,7 @@ class TestEvaluator:
         if trainer.is_global_zero and log_dir:
             RunLog(trainer, log_dir).write_test_samples(rows)
             write_report(Path(log_dir), report, rows, n_examples=self.n_examples, seed=self.seed,
-                         writer=_tensorboard(trainer), step=module.rollouts_done)
+                         writer=tensorboard_writer(trainer), step=module.rollouts_done)
         return headline_metrics(report)
 
 
@@ -625,15 +625,6 @@ def render_examples(examples: dict[str, list[dict[str, Any]]]) -> str:
                            f"{_fmt(r['rlhf_scores'] if r['rlhf_valid'] else None)} |")
             out.append("")
     return "\n".join(out)
-
-
-def _tensorboard(trainer):
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    for lg in trainer.loggers:
-        if isinstance(lg, TensorBoardLogger):
-            return lg.experiment
-    return None
 
 
 __all__ = [

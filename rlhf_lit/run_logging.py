@@ -37,7 +37,7 @@ class RunLog:
         rows = list(zip(prompts, responses, scores))[:n]
         for p, r, s in rows:
             self._append("samples.jsonl", {"rollout": rollout, "prompt": p, "response": r, "score": s})
-        tb = _tensorboard(self.trainer)
+        tb = tensorboard_writer(self.trainer)
         if tb is not None and self.dir is not None:
             table = "| prompt | response | score |\n|---|---|---|\n" + "\n".join(
                 f"| {_cell(p)} | {_cell(r)} | {s:.3f} |" for p, r, s in rows
@@ -62,7 +62,9 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:300]
 
 
-def _tensorboard(trainer):
+def tensorboard_writer(trainer):
+    """The ``SummaryWriter`` of the trainer's first ``TensorBoardLogger``, or None when it has none
+    (then text, figures and histograms are simply not sent to TensorBoard)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     for lg in trainer.loggers:
