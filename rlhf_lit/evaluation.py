@@ -39,6 +39,7 @@ from torchmetrics import CatMetric, Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from rlhf_lit.atomic_files import write_bytes_atomic, write_text_atomic
+from rlhf_lit.markdown import markdown_cell
 from rlhf_lit.rewards.base import RewardBackend, RewardOutput
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ REWARD = "reward"  #: series name of the configured (trained-on) reward
 REPORT_MD, REPORT_JSON = "report.md", "report.json"
 HISTOGRAM_PNG, TEST_SAMPLES = "reward_histogram.png", "test_samples.jsonl"
 TRAIN_SAMPLES = "samples.jsonl"
+CELL_CHARS, PROMPT_CHARS = 600, 1000  #: report.md shows at most this much of a response / a prompt
 
 
 # -------------------------------------------------------------------------------------------
@@ -537,13 +539,6 @@ def _fmt(x: Any, signed: bool = False) -> str:
     return f"{x:+.4g}" if signed else f"{x:.4g}"
 
 
-def _cell(text: Any, limit: int = 600) -> str:
-    s = str(text)
-    s = s if len(s) <= limit else s[:limit] + "…"
-    s = s.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "")
-    return s.replace("\n", "<br>") or "*(empty)*"
-
-
 def render_markdown(report: dict[str, Any], examples: dict[str, list[dict[str, Any]]]) -> str:
     run = report.get("run", {})
     s = run.get("sampling", {})
@@ -578,7 +573,8 @@ def render_markdown(report: dict[str, Any], examples: dict[str, list[dict[str, A
     for name, e in report["scores"].items():
         for a in ADAPTERS:
             st = e[a]
-            lines.append(f"| {_cell(e['label']) if a == 'sft' else ''} | {LABELS[a]} | {_fmt(st['mean'])} | "
+            label = markdown_cell(e["label"], CELL_CHARS) if a == "sft" else ""
+            lines.append(f"| {label} | {LABELS[a]} | {_fmt(st['mean'])} | "
                          f"{_fmt(st['std'])} | {_fmt(st['median'])} | {_fmt(st['p10'])} | {_fmt(st['p90'])} | {st['n']} |")
     lines += ["", "## RLHF vs SFT, paired", "",
               f"Gain = RLHF score − SFT score on the same prompt and seed, averaged per prompt, then over prompts; "
@@ -587,7 +583,7 @@ def render_markdown(report: dict[str, Any], examples: dict[str, list[dict[str, A
               f"| score | gain | {conf}% CI | win rate | wins / ties / losses | pairs |", "|---|---|---|---|---|---|"]
     for name, e in report["scores"].items():
         g = e["gain"]
-        lines.append(f"| {_cell(e['label'])} | {_fmt(g['mean'], True)} | [{_fmt(g['ci_low'], True)}, "
+        lines.append(f"| {markdown_cell(e['label'], CELL_CHARS)} | {_fmt(g['mean'], True)} | [{_fmt(g['ci_low'], True)}, "
                      f"{_fmt(g['ci_high'], True)}] | {_fmt(e['win_rate'])} | {e['wins']} / {e['ties']} / {e['losses']} "
                      f"| {g['pairs']} |")
     kl, ln = report["kl"], report["length"]
@@ -617,10 +613,11 @@ def render_examples(examples: dict[str, list[dict[str, Any]]]) -> str:
             out += ["(none)", ""]
         for it in items:
             out += [f"**Prompt `{it['id']}`** (mean gain {_fmt(it['gain'], True)}):", "",
-                    "> " + _cell(it["prompt"], 1000), "",
+                    "> " + markdown_cell(it["prompt"], PROMPT_CHARS), "",
                     "| sample | SFT | RLHF |", "|---|---|---|"]
             for r in it["samples"]:
-                out.append(f"| {r['sample']} | {_cell(r['sft_texts'])} | {_cell(r['rlhf_texts'])} |")
+                sft, rlhf = markdown_cell(r["sft_texts"], CELL_CHARS), markdown_cell(r["rlhf_texts"], CELL_CHARS)
+                out.append(f"| {r['sample']} | {sft} | {rlhf} |")
                 out.append(f"| score | {_fmt(r['sft_scores'] if r['sft_valid'] else None)} | "
                            f"{_fmt(r['rlhf_scores'] if r['rlhf_valid'] else None)} |")
             out.append("")

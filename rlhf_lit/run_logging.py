@@ -59,6 +59,8 @@ def run_dir(trainer) -> Optional[str]:
 
 
 def _cell(text: str) -> str:
+    # Deliberately not markdown.markdown_cell: this table flattens newlines to spaces, escapes no
+    # backslashes and cuts after escaping; switching would change the sample text already logged.
     return text.replace("|", "\\|").replace("\n", " ")[:300]
 
 
