@@ -68,6 +68,8 @@ import torch  # noqa: E402
 
 from _tiny_7b_assets import FULL, TARGETS, TINY, Shapes, build_assets, templated_ids  # noqa: E402
 
+from rlhf_lit.atomic_files import write_text_atomic  # noqa: E402
+
 RUNS = ("ours-nf4", "ours-bf16", "ours-bf16-nockpt", "trl-bf16", "trl-nf4")
 _SAVE = lambda: None  # noqa: E731 - set by run_worker: writes the result file (after every iteration too)
 # TRL 1.12 on this workload, H100 80GB, measured earlier (docs/notes: performance.md).
@@ -530,9 +532,7 @@ def run_worker(args) -> int:
     global _SAVE
 
     def save():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, default=str))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(result, indent=1, default=str))
 
     _SAVE = save
 

@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
+from rlhf_lit.atomic_files import write_jsonl_atomic
 from rlhf_lit.chat import CHATML_TEMPLATE as CHAT_TEMPLATE
 
 __all__ = [
@@ -185,12 +186,10 @@ def demo_prompt_records(seed: int = SEED) -> list[dict]:
 
 
 def write_demo_prompts(path: str | os.PathLike) -> Path:
-    """Write :func:`demo_prompt_records` as JSONL (this is how ``prompts/demo_prompts.jsonl`` is made)."""
+    """Write :func:`demo_prompt_records` as JSONL, atomically (this is how ``prompts/demo_prompts.jsonl``
+    is made)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in demo_prompt_records():
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl_atomic(demo_prompt_records(), path)
     return path
 
 

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from rlhf_lit.jsonl import write_jsonl_atomic
+from rlhf_lit.atomic_files import write_jsonl_atomic
 
 
 class RunLog:
@@ -37,7 +37,7 @@ class RunLog:
         rows = list(zip(prompts, responses, scores))[:n]
         for p, r, s in rows:
             self._append("samples.jsonl", {"rollout": rollout, "prompt": p, "response": r, "score": s})
-        tb = _tensorboard(self.trainer)
+        tb = tensorboard_writer(self.trainer)
         if tb is not None and self.dir is not None:
             table = "| prompt | response | score |\n|---|---|---|\n" + "\n".join(
                 f"| {_cell(p)} | {_cell(r)} | {s:.3f} |" for p, r, s in rows
@@ -59,10 +59,14 @@ def run_dir(trainer) -> Optional[str]:
 
 
 def _cell(text: str) -> str:
+    # Deliberately not markdown.markdown_cell: this table flattens newlines to spaces, escapes no
+    # backslashes and cuts after escaping; switching would change the sample text already logged.
     return text.replace("|", "\\|").replace("\n", " ")[:300]
 
 
-def _tensorboard(trainer):
+def tensorboard_writer(trainer):
+    """The ``SummaryWriter`` of the trainer's first ``TensorBoardLogger``, or None when it has none
+    (then text, figures and histograms are simply not sent to TensorBoard)."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
     for lg in trainer.loggers:

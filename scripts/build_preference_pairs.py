@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from rlhf_lit.jsonl import write_jsonl_atomic
+from rlhf_lit.atomic_files import write_jsonl_atomic
 
 EPS = 1e-9
 MAX_REPORTED_REJECTS = 5

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from rlhf_lit.jsonl import write_jsonl_atomic
+from rlhf_lit.atomic_files import write_jsonl_atomic
 
 SPLITS = ("train", "val", "test")
 _ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")

@@ -13,7 +13,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from rlhf_lit.rewards import JudgeError, LLMJudge, RewardBackend
-from rlhf_lit.rewards.judge import parse_engagement
+from rlhf_lit.rewards.judge_prompts import parse_engagement
 from rlhf_lit.rewards.testing import StubChatServer, chat_completion, forbid_network, free_port_url
 
 

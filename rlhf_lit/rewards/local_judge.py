@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from .base import RewardBackend, RewardOutput
-from .judge import DEFAULT_BUCKET_TEMPLATE, DEFAULT_SYSTEM_PROMPT, check_template, render_template
+from .judge_prompts import DEFAULT_BUCKET_TEMPLATE, DEFAULT_SYSTEM_PROMPT, check_template, render_template
 
 log = logging.getLogger(__name__)
 
