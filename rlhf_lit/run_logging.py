@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from rlhf_lit.atomic_files import write_jsonl_atomic
+from rlhf_lit.markdown import markdown_cell
 
 
 class RunLog:
@@ -40,7 +41,7 @@ class RunLog:
         tb = tensorboard_writer(self.trainer)
         if tb is not None and self.dir is not None:
             table = "| prompt | response | score |\n|---|---|---|\n" + "\n".join(
-                f"| {_cell(p)} | {_cell(r)} | {s:.3f} |" for p, r, s in rows
+                f"| {markdown_cell(p, 300)} | {markdown_cell(r, 300)} | {s:.3f} |" for p, r, s in rows
             )
             tb.add_text("samples", table, global_step=rollout)
 
@@ -56,12 +57,6 @@ def run_dir(trainer) -> Optional[str]:
     under DDP: every rank must call this the same number of times."""
     log_dir = trainer.log_dir
     return log_dir if trainer.loggers else None
-
-
-def _cell(text: str) -> str:
-    # Deliberately not markdown.markdown_cell: this table flattens newlines to spaces, escapes no
-    # backslashes and cuts after escaping; switching would change the sample text already logged.
-    return text.replace("|", "\\|").replace("\n", " ")[:300]
 
 
 def tensorboard_writer(trainer):
