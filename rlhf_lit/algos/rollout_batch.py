@@ -31,9 +31,7 @@ class Rollout(NamedTuple):
     """One PPO iteration's experience, everything detached.
 
     Attributes:
-        query_ids: ``(B, P)`` prompt token ids, left-padded.
-        query_mask: ``(B, P)`` attention mask of the prompt (0 on left padding).
-        response_ids: ``(B, R)`` sampled tokens, PAD after the first stop token.
+        query_ids, query_mask, response_ids: as in :class:`ResponseBatch`.
         response_mask: ``(B, R)`` bool, true up to and including the first stop token, and false
             on every token of a sample the reward could not score (it gets no update).
         logprobs: ``(B, R)`` log pi_old(a_t | s_t) with temperature-scaled logits, 0 where masked.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -35,11 +35,8 @@ class Composite(RewardBackend):
     Args:
         backends: The reward backends to combine (each given by ``class_path``/``init_args``).
         weights: One weight per backend; None weighs each by 1.
-        scale: Multiplies the weighted sum.
-        shift: Added after scaling.
-        clip_min: Lower bound after scale and shift; None for no bound.
-        clip_max: Upper bound after scale and shift; None for no bound.
-        name: Name used for ``reward/<name>`` (the weighted sum); defaults to ``total``.
+        **kwargs: ``scale``, ``shift``, ``clip_min``, ``clip_max``, ``name`` of :class:`RewardBackend`;
+            ``name`` (default ``total``) names the weighted sum's ``reward/<name>``; ``scale`` etc. apply to the weighted sum.
     """
 
     default_name = "total"
@@ -48,13 +45,9 @@ class Composite(RewardBackend):
         self,
         backends: list[RewardBackend],
         weights: Optional[list[float]] = None,
-        scale: float = 1.0,
-        shift: float = 0.0,
-        clip_min: Optional[float] = None,
-        clip_max: Optional[float] = None,
-        name: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(scale=scale, shift=shift, clip_min=clip_min, clip_max=clip_max, name=name)
+        super().__init__(**kwargs)
         backends = list(backends)
         if not backends:
             raise ValueError("Composite: 'backends' must list at least one reward backend")

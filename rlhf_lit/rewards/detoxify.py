@@ -58,12 +58,8 @@ class Detoxify(RewardBackend):
             downloads the ``model_type`` checkpoint.
         huggingface_config_path: Local folder with the base model's ``config.json`` and tokenizer
             files, for offline loading. None fetches them from the Hugging Face Hub.
-        scale: Multiplies the raw score (use -1 to minimise a score instead).
-        shift: Added after scaling.
-        clip_min: Lower bound after scale and shift; None for no bound.
-        clip_max: Upper bound after scale and shift; None for no bound.
-        name: Name used for ``reward/<name>`` metrics; defaults to ``detoxify``. Each attribute used
-            is also reported as a component under its own key (``reward/toxicity``, ...).
+        **kwargs: ``scale``, ``shift``, ``clip_min``, ``clip_max``, ``name`` of :class:`RewardBackend`;
+            ``name`` defaults to ``detoxify``; each attribute used is also reported as a component under its own key (``reward/toxicity``, ...).
     """
 
     default_name = "detoxify"
@@ -79,13 +75,9 @@ class Detoxify(RewardBackend):
         max_length: int = 512,
         checkpoint: Optional[str] = None,
         huggingface_config_path: Optional[str] = None,
-        scale: float = 1.0,
-        shift: float = 0.0,
-        clip_min: Optional[float] = None,
-        clip_max: Optional[float] = None,
-        name: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(scale=scale, shift=shift, clip_min=clip_min, clip_max=clip_max, name=name)
+        super().__init__(**kwargs)
         if model_type not in ModelType.__args__:
             raise ValueError(f"Detoxify: model_type must be one of {list(ModelType.__args__)}, got {model_type!r}")
         if isinstance(attributes, str):

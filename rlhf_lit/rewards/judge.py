@@ -123,11 +123,8 @@ class LLMJudge(RewardBackend):
         on_failure: ``raise`` stops with an error naming the URL, the HTTP status and the last error
             after retries; ``skip`` marks the sample invalid (left out of the PPO update) and counts it
             in ``judge/failures``.
-        scale: Multiplies the raw score (use -1 to minimise a score instead).
-        shift: Added after scaling.
-        clip_min: Lower bound after scale and shift; None for no bound.
-        clip_max: Upper bound after scale and shift; None for no bound.
-        name: Name used for ``reward/<name>`` metrics; defaults to ``judge``.
+        **kwargs: ``scale``, ``shift``, ``clip_min``, ``clip_max``, ``name`` of :class:`RewardBackend`;
+            ``name`` defaults to ``judge``.
     """
 
     default_name = "judge"
@@ -156,13 +153,9 @@ class LLMJudge(RewardBackend):
         cache: bool = True,
         cache_path: Optional[str] = None,
         on_failure: Literal["raise", "skip"] = "raise",
-        scale: float = 1.0,
-        shift: float = 0.0,
-        clip_min: Optional[float] = None,
-        clip_max: Optional[float] = None,
-        name: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(scale=scale, shift=shift, clip_min=clip_min, clip_max=clip_max, name=name)
+        super().__init__(**kwargs)
         who = f"LLMJudge {self.name!r}"
         if mode not in ("parse", "logprobs"):
             raise ValueError(f"{who}: mode must be 'parse' or 'logprobs', got {mode!r}")

@@ -17,11 +17,8 @@ class LengthPenalty(RewardBackend):
     Args:
         unit: ``words`` (whitespace-separated), ``chars``, or ``tokens`` of ``tokenizer``.
         tokenizer: Tokenizer folder (or Hub id) for ``unit: tokens``; loaded at first use.
-        scale: Multiplies the raw score (use a negative value for a penalty).
-        shift: Added after scaling.
-        clip_min: Lower bound after scale and shift; None for no bound.
-        clip_max: Upper bound after scale and shift; None for no bound.
-        name: Name used for ``reward/<name>`` metrics; defaults to ``length``.
+        **kwargs: ``scale``, ``shift``, ``clip_min``, ``clip_max``, ``name`` of :class:`RewardBackend`;
+            ``name`` defaults to ``length``; use a negative ``scale`` for a penalty.
     """
 
     default_name = "length"
@@ -30,13 +27,9 @@ class LengthPenalty(RewardBackend):
         self,
         unit: Literal["words", "chars", "tokens"] = "words",
         tokenizer: Optional[str] = None,
-        scale: float = 1.0,
-        shift: float = 0.0,
-        clip_min: Optional[float] = None,
-        clip_max: Optional[float] = None,
-        name: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(scale=scale, shift=shift, clip_min=clip_min, clip_max=clip_max, name=name)
+        super().__init__(**kwargs)
         if unit not in ("words", "chars", "tokens"):
             raise ValueError(f"LengthPenalty: unit must be 'words', 'chars' or 'tokens', got {unit!r}")
         if unit == "tokens" and not tokenizer:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from .base import RewardBackend
 
@@ -18,11 +18,8 @@ class Profanity(RewardBackend):
 
     Args:
         include_prompt: Score ``prompt + "\\n" + response`` instead of the response alone.
-        scale: Multiplies the raw score (use -1 to minimise a score instead).
-        shift: Added after scaling.
-        clip_min: Lower bound after scale and shift; None for no bound.
-        clip_max: Upper bound after scale and shift; None for no bound.
-        name: Name used for ``reward/<name>`` metrics; defaults to ``profanity``.
+        **kwargs: ``scale``, ``shift``, ``clip_min``, ``clip_max``, ``name`` of :class:`RewardBackend`;
+            ``name`` defaults to ``profanity``.
     """
 
     default_name = "profanity"
@@ -30,13 +27,9 @@ class Profanity(RewardBackend):
     def __init__(
         self,
         include_prompt: bool = False,
-        scale: float = 1.0,
-        shift: float = 0.0,
-        clip_min: Optional[float] = None,
-        clip_max: Optional[float] = None,
-        name: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(scale=scale, shift=shift, clip_min=clip_min, clip_max=clip_max, name=name)
+        super().__init__(**kwargs)
         self.include_prompt = bool(include_prompt)
         self._predict_prob: Any = None
 

@@ -42,11 +42,8 @@ class RewardModel(RewardBackend):
         dtype: Weights dtype: float32, bfloat16, float16, or auto (the checkpoint's).
         trust_remote_code: Allow code shipped in the model folder to run. Off by default: only turn it
             on for folders you trust.
-        scale: Multiplies the raw score (use -1 to minimise a score instead).
-        shift: Added after scaling.
-        clip_min: Lower bound after scale and shift; None for no bound.
-        clip_max: Upper bound after scale and shift; None for no bound.
-        name: Name used for ``reward/<name>`` metrics; defaults to ``reward_model``.
+        **kwargs: ``scale``, ``shift``, ``clip_min``, ``clip_max``, ``name`` of :class:`RewardBackend`;
+            ``name`` defaults to ``reward_model``.
     """
 
     default_name = "reward_model"
@@ -65,13 +62,9 @@ class RewardModel(RewardBackend):
         offload: bool = False,
         dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32",
         trust_remote_code: bool = False,
-        scale: float = 1.0,
-        shift: float = 0.0,
-        clip_min: Optional[float] = None,
-        clip_max: Optional[float] = None,
-        name: Optional[str] = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(scale=scale, shift=shift, clip_min=clip_min, clip_max=clip_max, name=name)
+        super().__init__(**kwargs)
         who = f"RewardModel {self.name!r}"
         for opt, value, allowed in (
             ("transform", transform, ("raw", "sigmoid", "softmax")),
