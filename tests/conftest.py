@@ -1,3 +1,4 @@
+import json
 import os
 import socket
 
@@ -42,3 +43,29 @@ def forbid_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random Qwen2 base with its ChatML tokenizer, two SFT adapters (``sft``: LoRA only;
+    ``sft_mts``: with an ``lm_head`` copy in ``modules_to_save``) and 16 prompts of different lengths,
+    built once per test module. Returns the paths (str) and the ``root`` folder (Path)."""
+    import torch
+    from helpers import N_WORDS, build_tokenizer, tiny_qwen2, write_adapter
+
+    root = tmp_path_factory.mktemp("wiring")
+    torch.manual_seed(0)
+    base = root / "base"
+    tiny_qwen2().save_pretrained(base)
+    build_tokenizer().save_pretrained(base)
+    write_adapter(base, root / "sft", seed=1)
+    write_adapter(base, root / "sft_mts", seed=2, modules_to_save=["lm_head"])
+    prompts = root / "prompts.jsonl"
+    g = torch.Generator().manual_seed(0)
+    with prompts.open("w") as f:
+        for i in range(16):
+            n = int(torch.randint(3, 9, (1,), generator=g))  # different lengths: left padding in batches
+            words = " ".join(f"w{int(j)}" for j in torch.randint(4, N_WORDS, (n,), generator=g))
+            f.write(json.dumps({"id": f"p{i}", "prompt": words, "split": "train"}) + "\n")
+    return {"base": str(base), "sft": str(root / "sft"), "sft_mts": str(root / "sft_mts"), "prompts": str(prompts),
+            "root": root}

@@ -22,7 +22,7 @@ BATCH, MINIBATCHES, MICRO, NEW_TOKENS = 8, 2, 2, 16
 
 
 def _tokenizer():
-    from test_policy_wiring import build_tokenizer
+    from helpers import build_tokenizer
 
     return build_tokenizer(N_WORDS)
 

@@ -11,7 +11,8 @@ import torch
 
 from rlhf_lit.lora_precision import LoraComputeCopies, cast_adapter_, lora_linears
 from rlhf_lit.policy import POLICY, REFERENCE
-from test_policy_wiring import TEMPERATURE, assets, batch, policy  # noqa: F401  (assets is a fixture)
+
+from helpers import TEMPERATURE, batch, policy  # the fixture ``assets`` is in conftest.py
 
 
 def _loss(pm, seed=0):
