@@ -1,6 +1,6 @@
 """Plain helpers shared by several test files (fixtures live in conftest.py).
 
-The tiny random Qwen2 of the policy tests, its word-level ChatML tokenizer, SFT-like adapters, the
+The tiny random Qwen2 of the policy tests, its ChatML tokenizer, SFT-like adapters, the
 batches and reference log-probs the policy tests compare against, and the CLI runner of the
 end-to-end tests.
 """
@@ -16,39 +16,26 @@ import torch
 from rlhf_lit import ppo
 from rlhf_lit.policy import PolicyConfig, PolicyModel
 from rlhf_lit.rewards.base import RewardBackend
+from rlhf_lit.testing.tokenizers import build_chatml_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-N_WORDS, VOCAB = 250, 256  # tokenizer words 0..249, ChatML specials 250..252, model rows 256
+N_WORDS, VOCAB = 250, 256  # tokenizer ids 0..249, ChatML specials 250..252, model rows 256
 PAD_ID, IM_START_ID, EOS_ID = 250, 251, 252
 TEMPERATURE = 0.7
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 # ---------------------------------------------------------------------------------------------
-# A tiny random Qwen2, a word-level ChatML tokenizer and SFT-like adapters
+# A tiny random Qwen2, its ChatML tokenizer and SFT-like adapters
 # ---------------------------------------------------------------------------------------------
 def build_tokenizer(n_words: int = N_WORDS):
-    """Word-level ChatML tokenizer: words ``w4..`` up to ``n_words``, then PAD, <|im_start|>, EOS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "system": 1, "user": 2, "assistant": 3}
-    vocab.update({f"w{i}": i for i in range(len(vocab), n_words)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
-                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"],
-                                   padding_side="left", clean_up_tokenization_spaces=False)
-    fast.chat_template = CHAT_TEMPLATE
-    assert (fast.pad_token_id, fast.eos_token_id) == (n_words, n_words + 2)
-    return fast
+    """The test kit's ChatML tokenizer with ``n_words`` ids below the specials: PAD, <|im_start|>,
+    EOS at ``n_words``, ``n_words + 1``, ``n_words + 2``; left padding, for prompts."""
+    tok = build_chatml_tokenizer(size=n_words, padding_side="left")
+    assert (tok.pad_token_id, tok.eos_token_id) == (n_words, n_words + 2)
+    return tok
 
 
 def tiny_qwen2():

@@ -97,7 +97,7 @@ def test_local_judge_bucket_expectation(lm):
 
 
 def test_chat_input(clf, tmp_path):
-    from rlhf_lit.testing.models import CHATML_TEMPLATE
+    from rlhf_lit.chat import CHATML_TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(clf)
     tok.chat_template = CHATML_TEMPLATE

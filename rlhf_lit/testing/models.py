@@ -7,13 +7,14 @@ folders and causal-LM judges.
 
 from __future__ import annotations
 
-import string
+import re
 from pathlib import Path
 from typing import Sequence, Union
 
 import torch
 
-from rlhf_lit.testing.tokenizers import TINY_WORDS, build_bert_tokenizer
+from rlhf_lit.chat import CHATML_TEMPLATE
+from rlhf_lit.testing.tokenizers import TINY_WORDS, build_bert_tokenizer, build_chatml_tokenizer
 
 #: Class names of Detoxify's ``original`` model, as stored in its checkpoints (Detoxify renames
 #: ``toxic``, ``severe_toxic`` and ``identity_hate`` when it loads them).
@@ -104,41 +105,33 @@ def build_sequence_classifier(
     return folder
 
 
-#: A minimal ChatML template for the tiny causal LM (enough to exercise ``apply_chat_template``).
-CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+def _judge_instruction_words() -> list[str]:
+    """The words of :class:`~rlhf_lit.rewards.LocalJudge`'s default system prompt and rating template:
+    the tiny judge reads its own instructions in about one token a word, as a real judge does."""
+    from rlhf_lit.rewards import LocalJudge
+
+    judge = LocalJudge(model_path="")  # nothing is loaded: only its default texts are read
+    return re.findall(r"[A-Za-z]+", f"{judge.system} {judge.template}")
 
 
 def build_causal_lm(folder: Union[str, Path], seed: int = 0, chat_template: bool = True) -> Path:
-    """Save a tiny random Llama causal LM and a word-level tokenizer (every digit is one token, no
-    post-processor, ``<|im_start|>``/``<|im_end|>`` specials, optional ChatML template) into
-    ``folder``; returns the folder."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    """Save a tiny random Llama causal LM and its tokenizer into ``folder``; returns the folder.
+
+    The tokenizer is :func:`~rlhf_lit.testing.tokenizers.build_chatml_tokenizer` with
+    :data:`~rlhf_lit.testing.tokenizers.TINY_WORDS` and the words of LocalJudge's instructions as
+    whole words, digits one token each, ``<|im_start|>`` as BOS and the ChatML template (none if
+    ``chat_template`` is False).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab_list = specials + list(string.ascii_lowercase + string.digits + string.punctuation) + TINY_WORDS
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(vocab_list))}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
-    )
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        eos_token="<|im_end|>",
+    tok = build_chatml_tokenizer(
+        [*TINY_WORDS, *_judge_instruction_words()],
         bos_token="<|im_start|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        chat_template=CHATML_TEMPLATE if chat_template else None,
         model_max_length=256,
     )
-    if chat_template:
-        tok.chat_template = CHATML_TEMPLATE
     tok.save_pretrained(folder)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
