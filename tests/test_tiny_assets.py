@@ -9,7 +9,9 @@ beside a tiny Qwen2 and a tiny Llama ``config.json`` (and alone), reload it, and
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, Qwen2Config
@@ -17,7 +19,7 @@ from transformers import AutoTokenizer, LlamaConfig, Qwen2Config
 from rlhf_lit.chat import DEFAULT_SYSTEM_PROMPT
 from rlhf_lit.testing.tokenizers import ALPHABET, TINY_WORDS, build_chatml_tokenizer
 
-from helpers import build_tokenizer
+from helpers import ROOT, build_tokenizer
 
 TEXTS = [
     "w12 w45 w7",  # the policy tests' prompts
@@ -95,3 +97,34 @@ def test_words_are_one_token_after_a_space_and_digits_one_each():
         build_chatml_tokenizer(["w12"])
     with pytest.raises(ValueError, match="too small"):
         build_chatml_tokenizer(TINY_WORDS, size=len(ALPHABET))
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """``benchmarks/_tiny_7b_assets.py`` (a script folder, not a package), loaded by path."""
+    spec = importlib.util.spec_from_file_location("_tiny_7b_assets", ROOT / "benchmarks" / "_tiny_7b_assets.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_assets_reload_their_tokenizer(tmp_path, bench):
+    # The benchmark's own build on the CPU with its tiny shapes: same code as the 7B one on a GPU.
+    shapes = bench.TINY
+    tok = bench.build_tokenizer(shapes.special_start)
+    assets = bench.build_assets(tmp_path, shapes, "cpu", n_prompts=4)
+    texts = [json.loads(line)["prompt"] for line in open(assets["prompts"], encoding="utf-8")]
+    words = list(range(len(ALPHABET), shapes.special_start, 37))
+    # The policy's base (PromptDataModule's tokenizer) and the reward model each carry the tokenizer.
+    for folder in ("base", "reward"):
+        assert json.loads((tmp_path / folder / "config.json").read_text())["model_type"] == "qwen2"
+        loaded = AutoTokenizer.from_pretrained(assets[folder])
+        assert (loaded.pad_token_id, loaded.eos_token_id) == (shapes.special_start, shapes.special_start + 2)
+        assert loaded.convert_tokens_to_ids("<|im_start|>") == shapes.special_start + 1
+        assert loaded.padding_side == "left"
+        for text in texts:
+            assert bench.templated_ids(loaded, text) == bench.templated_ids(tok, text)
+            assert len(bench.templated_ids(loaded, text)) == shapes.prompt_tokens
+        # A sampled word id decodes to a word that the reward model's tokenizer reads as that id.
+        assert loaded(loaded.decode(words), add_special_tokens=False)["input_ids"] == words
