@@ -1,34 +1,35 @@
 """Offline assets for the PPO benchmark: random models of production shape, a tokenizer, an SFT
 LoRA adapter, a reward model folder and a prompt file. Nothing is downloaded.
 
-Tokenizer: a word-level vocabulary that covers every id below Qwen2.5's special tokens
-(``w1 ... w151642``, plus ``system``/``user``/``assistant``), with Qwen2.5's ChatML specials at
-their real ids: ``<|endoftext|>`` (PAD, 151643), ``<|im_start|>`` (151644), ``<|im_end|>`` (EOS,
-151645). A random policy samples ids all over the 152,064-entry vocabulary; with this tokenizer
-each sampled id decodes to one word that re-encodes to one token, so the reward model reads texts
-as long as the real ones (a tiny trained BPE would decode most random ids to nothing). Ids from
-151646 to 152063 (unused padding rows in Qwen2.5 too) decode to nothing.
+Tokenizer: the test kit's ChatML tokenizer (:func:`rlhf_lit.testing.tokenizers.build_chatml_tokenizer`),
+a ``Qwen2Tokenizer`` whose ids below Qwen2.5's special tokens are single characters and then
+space-led words (`` abc``) up to 151642, with Qwen2.5's ChatML specials at their real ids:
+``<|endoftext|>`` (PAD, 151643), ``<|im_start|>`` (151644), ``<|im_end|>`` (EOS, 151645). A random
+policy samples ids all over the 152,064-entry vocabulary; each sampled word id decodes to a word
+that re-encodes to that one token, so the reward model reads texts as long as the real ones (a
+tiny trained BPE would decode most random ids to nothing). Ids from 151646 to 152063 (unused
+padding rows in Qwen2.5 too) decode to nothing. The folders hold a Qwen2 ``config.json``, so
+``AutoTokenizer`` loads them as a ``Qwen2Tokenizer`` whatever the tokenizer files say: a
+tokenizer of another pipeline (a word-level one) would reload encoding prompts to almost nothing.
 
-Prompts: ``user`` turns whose chat-templated ids (no system prompt) are exactly ``prompt_tokens``
-long, so batches need no padding and every run sees the same 64-token prompts.
+Prompts: ``user`` turns (a letter, then space-led words) whose chat-templated ids (no system
+prompt) are exactly ``prompt_tokens`` long, so batches need no padding and every run sees the same
+64-token prompts.
 """
 
 from __future__ import annotations
 
 import json
+import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rlhf_lit.testing.tokenizers import ALPHABET, build_chatml_tokenizer
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ROLE_WORDS = ("system", "user", "assistant")
-PAD_TOKEN, IM_START, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Shapes:
     """Model shapes (Qwen2 family) and the workload."""
 
     vocab_size: int  # the models' vocabulary (rows of the embedding / lm_head)
-    special_start: int  # id of <|endoftext|>; the tokenizer's words fill the ids below it
+    special_start: int  # id of <|endoftext|>; the tokenizer's characters and words fill the ids below it
     policy: dict
     reward: dict
     batch: int  # prompts per rollout
@@ -61,26 +62,10 @@ TINY = Shapes(vocab_size=512, special_start=509, policy=TINY_POLICY, reward=TINY
 
 
 def build_tokenizer(special_start: int):
-    """Word-level tokenizer: ``<unk>`` = 0, role words, ``w<i>`` up to ``special_start - 1``, then ChatML."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0}
-    for i, w in enumerate(ROLE_WORDS, start=1):
-        vocab[w] = i
-    for i in range(len(vocab), special_start):
-        vocab[f"w{i}"] = i
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([PAD_TOKEN, IM_START, EOS_TOKEN])
-    assert tok.token_to_id(PAD_TOKEN) == special_start and tok.token_to_id(EOS_TOKEN) == special_start + 2
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token=PAD_TOKEN, eos_token=EOS_TOKEN,
-        additional_special_tokens=[IM_START], padding_side="left", model_max_length=32768,
-        clean_up_tokenization_spaces=False,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    """The ChatML tokenizer with ``special_start`` ids below PAD, ``<|im_start|>`` and EOS; left padding."""
+    tok = build_chatml_tokenizer(size=special_start, padding_side="left", model_max_length=32768)
+    assert (tok.pad_token_id, tok.eos_token_id) == (special_start, special_start + 2)
+    return tok
 
 
 def qwen2_config(shape: dict, shapes: Shapes, **extra):
@@ -108,18 +93,20 @@ def templated_ids(tok, text: str) -> list[int]:
 
 
 def write_prompts(path: Path, tok, n: int, prompt_tokens: int, n_words: int, seed: int = 0) -> None:
-    """``n`` prompts whose templated ids (user turn only, generation prompt) are ``prompt_tokens`` long."""
+    """``n`` prompts whose templated ids (user turn only, generation prompt) are ``prompt_tokens`` long:
+    a lower-case letter (one token at the start of the turn), then space-led words, one token each."""
     g = torch.Generator().manual_seed(seed)
-    overhead = len(templated_ids(tok, "w9")) - 1
+    overhead = len(templated_ids(tok, "a")) - 1
     k = prompt_tokens - overhead
     assert k >= 1, "prompt_tokens is shorter than the chat template"
     with path.open("w", encoding="utf-8") as f:
         for i in range(n):
-            ids = torch.randint(len(ROLE_WORDS) + 1, n_words, (k,), generator=g).tolist()
-            text = " ".join(f"w{j}" for j in ids)
+            first = string.ascii_lowercase[int(torch.randint(26, (1,), generator=g))]
+            ids = torch.randint(len(ALPHABET), n_words, (k - 1,), generator=g).tolist()
+            text = first + tok.decode(ids)
             f.write(json.dumps({"id": f"bench-{i:04d}", "prompt": text, "split": "train"}) + "\n")
-    check = templated_ids(tok, text)
-    assert len(check) == prompt_tokens, (len(check), prompt_tokens)
+            check = templated_ids(tok, text)
+            assert len(check) == prompt_tokens, (len(check), prompt_tokens)
 
 
 def build_assets(root: str | Path, shapes: Shapes, device: str, n_prompts: int, seed: int = 0) -> dict:

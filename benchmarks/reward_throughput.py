@@ -1,7 +1,7 @@
 """Texts per second of each reward backend on CPU, fully offline.
 
 Detoxify, RewardModel and LocalJudge run on tiny random models in the real formats (built by
-``rlhf_lit.rewards.testing``): the figures measure the backends' own overhead (tokenisation, batching,
+``rlhf_lit.testing``): the figures measure the backends' own overhead (tokenisation, batching,
 post-processing), not the speed of the real BERT/RoBERTa-sized models. LLMJudge talks to a stub
 chat-completions server on 127.0.0.1 that answers at once: its figure is the client's ceiling
 (HTTP, JSON, thread pool), with the cache off.
@@ -39,8 +39,8 @@ from rlhf_lit.rewards import (  # noqa: E402
     Profanity,
     RewardModel,
 )
-from rlhf_lit.rewards.testing import (  # noqa: E402
-    StubChatServer,
+from rlhf_lit.testing.chat_server import StubChatServer  # noqa: E402
+from rlhf_lit.testing.models import (  # noqa: E402
     build_causal_lm,
     build_detoxify_checkpoint,
     build_sequence_classifier,

@@ -2,38 +2,12 @@
 adapter export, test, and the bad-input errors."""
 
 import json
-import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = str(ROOT / "configs" / "demo.yaml")
-
-
-def run_cli(*args: str):
-    from rlhf_lit.cli import main
-
-    with mock.patch.object(sys, "argv", ["python -m rlhf_lit"]):
-        return main(list(args))
-
-
-def fast_args(run_dir: Path, *extra: str) -> list[str]:
-    """The demo config shrunk to seconds: 8 prompts per rollout, 12 new tokens."""
-    return [
-        "--config", DEMO,
-        f"--trainer.logger.init_args.save_dir={run_dir}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.limit_val_batches=1",
-        "--trainer.limit_test_batches=1",
-        "--data.batch_size=8",
-        f"--data.prompt_file={ROOT / 'prompts' / 'demo_prompts.jsonl'}",
-        "--model.ppo.ppo_epochs=2",
-        "--model.sampling.max_new_tokens=12",
-        *extra,
-    ]
+from helpers import DEMO, fast_args, run_cli
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli_e2e import fast_args, run_cli
-from test_policy_wiring import (  # noqa: F401  (assets is a fixture)
-    TARGETS, TEMPERATURE, ConstantishReward, assets, batch, hf_logprobs, lora_names, masked_max_diff, policy,
-)
 
 from rlhf_lit.model import CRITIC, POLICY, REFERENCE, PolicyConfig, PolicyModel
 from rlhf_lit.algos.rollout_batch import ResponseBatch
+
+from helpers import (  # the fixture ``assets`` is in conftest.py
+    TARGETS, TEMPERATURE, ConstantishReward, batch, fast_args, hf_logprobs, lora_names, masked_max_diff, policy,
+    run_cli,
+)
 
 HEAD = {"value_head.weight", "value_head.bias"}
 

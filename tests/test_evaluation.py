@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from test_cli_e2e import run_cli
-
 from rlhf_lit import evaluation as ev
+
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")

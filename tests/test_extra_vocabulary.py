@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cli_e2e import fast_args, run_cli
-from test_policy_wiring import (  # noqa: F401  (assets is a fixture)
-    TEMPERATURE, VOCAB, assets, batch, build_tokenizer, hf_logprobs, masked_max_diff, policy, write_adapter,
-)
 
 from rlhf_lit.model import REFERENCE
 from rlhf_lit.paths import tokenizer_path
 from rlhf_lit.algos.rollout_batch import ResponseBatch
+
+from helpers import (  # the fixture ``assets`` is in conftest.py
+    TEMPERATURE, VOCAB, batch, build_tokenizer, fast_args, hf_logprobs, masked_max_diff, policy, run_cli,
+    write_adapter,
+)
 
 ADDED = [f"<tag{i}>" for i in range(8)]  # 253 tokens + 8 = 261 > the base's 256 rows
 ROWS = 264

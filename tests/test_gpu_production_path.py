@@ -22,7 +22,7 @@ BATCH, MINIBATCHES, MICRO, NEW_TOKENS = 8, 2, 2, 16
 
 
 def _tokenizer():
-    from test_policy_wiring import build_tokenizer
+    from helpers import build_tokenizer
 
     return build_tokenizer(N_WORDS)
 
@@ -231,7 +231,7 @@ def test_head_logprobs_on_cuda_match_the_logits_path():
 @pytest.mark.parametrize("backend", ["reward_model", "detoxify"])
 def test_offloaded_reward_scores_alike_and_leaves_the_gpu(backend, tmp_path):
     from rlhf_lit.rewards import Detoxify, RewardModel
-    from rlhf_lit.rewards.testing import build_detoxify_checkpoint, build_sequence_classifier
+    from rlhf_lit.testing.models import build_detoxify_checkpoint, build_sequence_classifier
 
     texts = ["you are a stupid idiot", "what a lovely day", "no", "news today, read it"] * 4
     if backend == "reward_model":

@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlhf_lit.algos.rollout_batch import ResponseBatch
+from rlhf_lit.model import POLICY, REFERENCE
 from rlhf_lit.model.lora_precision import LoraComputeCopies
 from rlhf_lit.model.peft_layers import cast_adapter_, lora_linears
-from rlhf_lit.model import POLICY, REFERENCE
-from rlhf_lit.algos.rollout_batch import ResponseBatch
-from test_policy_wiring import TEMPERATURE, assets, batch, policy  # noqa: F401  (assets is a fixture)
+
+from helpers import TEMPERATURE, batch, policy  # the fixture ``assets`` is in conftest.py
 
 
 def _loss(pm, seed=0):

@@ -14,134 +14,17 @@ import pytest
 import torch
 from torch import nn
 
-from rlhf_lit.algos.logprobs import logprobs_from_logits
 from rlhf_lit.algos.rollout_batch import ResponseBatch
 from rlhf_lit.model import POLICY, REFERENCE, PolicyConfig, PolicyModel
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-N_WORDS, VOCAB = 250, 256  # tokenizer words 0..249, ChatML specials 250..252, model rows 256
-PAD_ID, IM_START_ID, EOS_ID = 250, 251, 252
-TEMPERATURE = 0.7
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+from helpers import (  # the fixture ``assets`` is in conftest.py
+    TARGETS, TEMPERATURE, ConstantishReward, batch, hf_logprobs, lora_names, masked_max_diff, policy,
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Fixtures: a tiny random Qwen2, a word-level ChatML tokenizer and two SFT adapters, built once
-# ---------------------------------------------------------------------------------------------
-def build_tokenizer(n_words: int = N_WORDS):
-    """Word-level ChatML tokenizer: words ``w4..`` up to ``n_words``, then PAD, <|im_start|>, EOS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "system": 1, "user": 2, "assistant": 3}
-    vocab.update({f"w{i}": i for i in range(len(vocab), n_words)})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>",
-                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"],
-                                   padding_side="left", clean_up_tokenization_spaces=False)
-    fast.chat_template = CHAT_TEMPLATE
-    assert (fast.pad_token_id, fast.eos_token_id) == (n_words, n_words + 2)
-    return fast
-
-
-def tiny_qwen2():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, attention_dropout=0.1,  # dropout on purpose: it must be turned off
-                      bos_token_id=PAD_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    return Qwen2ForCausalLM(cfg)
-
-
-def write_adapter(base_dir, out_dir, seed: int, modules_to_save=None, rows=None, tokenizer=None) -> None:
-    """An SFT-like adapter; ``rows``: the SFT run resized the vocabulary (and saved the table) first;
-    ``tokenizer``: saved beside the adapter."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if rows is not None:
-        model.resize_token_embeddings(rows, mean_resizing=False)
-        with torch.no_grad():  # the SFT run learned the new rows
-            model.get_input_embeddings().weight[VOCAB:].normal_(0, 0.5)
-            model.get_output_embeddings().weight[VOCAB:].normal_(0, 0.5)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS, task_type="CAUSAL_LM",
-                      modules_to_save=modules_to_save)
-    pm = get_peft_model(model, lora)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-            elif "modules_to_save" in name:
-                p.add_(torch.randn_like(p) * 0.05)  # the SFT run changed these weights too
-    pm.save_pretrained(out_dir, save_embedding_layers=rows is not None)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wiring")
-    torch.manual_seed(0)
-    base = root / "base"
-    tiny_qwen2().save_pretrained(base)
-    build_tokenizer().save_pretrained(base)
-    write_adapter(base, root / "sft", seed=1)
-    write_adapter(base, root / "sft_mts", seed=2, modules_to_save=["lm_head"])
-    prompts = root / "prompts.jsonl"
-    g = torch.Generator().manual_seed(0)
-    with prompts.open("w") as f:
-        for i in range(16):
-            n = int(torch.randint(3, 9, (1,), generator=g))  # different lengths: left padding in batches
-            words = " ".join(f"w{int(j)}" for j in torch.randint(4, N_WORDS, (n,), generator=g))
-            f.write(json.dumps({"id": f"p{i}", "prompt": words, "split": "train"}) + "\n")
-    return {"base": str(base), "sft": str(root / "sft"), "sft_mts": str(root / "sft_mts"), "prompts": str(prompts),
-            "root": root}
-
-
-def policy(assets, **kw) -> PolicyModel:
-    cfg = dict(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32")
-    cfg.update(kw)
-    return PolicyModel(PolicyConfig(**cfg), torch.device("cpu"))
-
-
-def batch(seed: int = 0, B: int = 3, P: int = 6, R: int = 5):
-    """Left-padded prompts (row 0 has 2 pads) and responses (row 1 ends early at a stop token)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randint(4, N_WORDS, (B, P), generator=g)
-    q_mask = torch.ones(B, P, dtype=torch.long)
-    q[0, :2], q_mask[0, :2] = PAD_ID, 0
-    r = torch.randint(4, N_WORDS, (B, R), generator=g)
-    r_mask = torch.ones(B, R, dtype=torch.bool)
-    r[1, 2], r[1, 3:], r_mask[1, 3:] = EOS_ID, PAD_ID, False
-    return q, q_mask, r, r_mask
-
-
-def hf_logprobs(model, q, q_mask, r, r_mask) -> torch.Tensor:
-    """Log-probs of the response tokens from a plain HF/PEFT forward (the independent reference)."""
-    ids = torch.cat([q, r], 1)
-    mask = torch.cat([q_mask, r_mask.long()], 1)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-    P, R = q.shape[1], r.shape[1]
-    return logprobs_from_logits(logits[:, P - 1:P + R - 1], r, TEMPERATURE)
 
 
 def logprobs(pm: PolicyModel, b) -> torch.Tensor:
     with torch.no_grad():
         return pm(ResponseBatch(*b), TEMPERATURE, values=False).logprobs
-
-
-def masked_max_diff(a, b, mask) -> float:
-    return float(((a - b).abs() * mask).max())
 
 
 def perturb_policy(pm: PolicyModel, scale: float = 0.2) -> None:
@@ -150,10 +33,6 @@ def perturb_policy(pm: PolicyModel, scale: float = 0.2) -> None:
         for name, p in pm.named_parameters():
             if f".{POLICY}." in name and "lora_" in name:
                 p.add_(torch.randn_like(p) * scale)
-
-
-def lora_names(pm: PolicyModel, adapter: str) -> set[str]:
-    return {n for n, _ in pm.named_parameters() if ".lora_" in n and f".{adapter}." in n}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,18 +160,6 @@ def test_dropout_is_off_even_in_train_mode(assets):
 # ---------------------------------------------------------------------------------------------
 # ppo_update: micro-batching leaves losses and gradients unchanged
 # ---------------------------------------------------------------------------------------------
-from rlhf_lit.rewards.base import RewardBackend  # noqa: E402
-
-
-class ConstantishReward(RewardBackend):
-    """Deterministic, varied scores from the text alone (no model)."""
-
-    default_name = "lengthish"
-
-    def score(self, prompts, responses):
-        return [((len(r) * 7) % 11) / 11.0 - 0.5 for r in responses]
-
-
 def _sgd_zero(params):
     return torch.optim.SGD(params, lr=0.0)  # gradients are computed, the weights never move
 

@@ -9,15 +9,14 @@ import torch
 from jsonargparse import ArgumentError, ArgumentParser
 
 from rlhf_lit.rewards import Composite, Detoxify, LengthPenalty, LLMJudge, Profanity, RewardBackend
-from rlhf_lit.rewards.testing import StubChatServer, chat_completion, forbid_network
+from rlhf_lit.testing.chat_server import StubChatServer, chat_completion
 
 CLEAN = "Thank you for sharing, I hope you have a lovely weekend with your family."
 OFFENSIVE = "Shut up you fucking idiot, you are a worthless piece of shit."
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    forbid_network(monkeypatch)
+def _offline(forbid_network):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster, above all on a busy shared CPU
     yield
@@ -56,7 +55,7 @@ def test_length_penalty():
 
 
 def test_length_in_tokens(tmp_path):
-    from rlhf_lit.rewards.testing import build_bert_tokenizer
+    from rlhf_lit.testing.tokenizers import build_bert_tokenizer
 
     build_bert_tokenizer(tmp_path)
     out = LengthPenalty(unit="tokens", tokenizer=str(tmp_path))([""], ["hello world, thanks"])
@@ -98,7 +97,7 @@ def test_composite_rejects_duplicate_names_and_bad_weights():
 
 
 def test_composite_from_yaml_with_nested_class_paths(tmp_path):
-    from rlhf_lit.rewards.testing import build_detoxify_checkpoint
+    from rlhf_lit.testing.models import build_detoxify_checkpoint
 
     ckpt, hf = build_detoxify_checkpoint(tmp_path)
     yaml_text = f"""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlhf_lit.rewards import Detoxify
-from rlhf_lit.rewards.testing import build_detoxify_checkpoint, forbid_network
+from rlhf_lit.testing.models import build_detoxify_checkpoint
 
 TEXTS = [
     "have a nice day",
@@ -20,8 +20,7 @@ TEXTS = [
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    forbid_network(monkeypatch)
+def _offline(forbid_network):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster, above all on a busy shared CPU
     yield

@@ -14,12 +14,9 @@ from jsonargparse import ArgumentParser
 
 from rlhf_lit.rewards import JudgeError, LLMJudge, RewardBackend
 from rlhf_lit.rewards.judge_prompts import parse_engagement
-from rlhf_lit.rewards.testing import StubChatServer, chat_completion, forbid_network, free_port_url
+from rlhf_lit.testing.chat_server import StubChatServer, chat_completion, free_port_url
 
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    forbid_network(monkeypatch)
+pytestmark = pytest.mark.usefixtures("forbid_network")
 
 
 def fast(base_url: str, **kw) -> LLMJudge:

@@ -7,15 +7,14 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from rlhf_lit.rewards import LocalJudge, RewardModel
-from rlhf_lit.rewards.testing import build_causal_lm, build_sequence_classifier, forbid_network
+from rlhf_lit.testing.models import build_causal_lm, build_sequence_classifier
 
 PROMPTS = ["what do you think of the vote?", "hello", "news today"]
 RESPONSES = ["i love it, great day", "you are a stupid idiot", "no"]
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    forbid_network(monkeypatch)
+def _offline(forbid_network):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster, above all on a busy shared CPU
     yield
@@ -98,7 +97,7 @@ def test_local_judge_bucket_expectation(lm):
 
 
 def test_chat_input(clf, tmp_path):
-    from rlhf_lit.rewards.testing import CHATML_TEMPLATE
+    from rlhf_lit.chat import CHATML_TEMPLATE
 
     tok = AutoTokenizer.from_pretrained(clf)
     tok.chat_template = CHATML_TEMPLATE

@@ -8,9 +8,8 @@ from unittest import mock
 import pytest
 import yaml
 
-from rlhf_lit.rewards.testing import (
-    StubChatServer, build_causal_lm, build_detoxify_checkpoint, build_sequence_classifier,
-)
+from rlhf_lit.testing.chat_server import StubChatServer
+from rlhf_lit.testing.models import build_causal_lm, build_detoxify_checkpoint, build_sequence_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
