@@ -1,5 +1,8 @@
 """The embedded offline demo: a tiny chat LM + a persona SFT LoRA adapter, built once on CPU.
 
+Over 500 lines as one recipe: the grammar, the corpus, the tokenizer, pretraining, the SFT adapter
+and the cached build are the steps of one reproducible build, read in order.
+
 ``ensure_demo_assets()`` returns two folders that load like the production pair
 (``Qwen/Qwen2.5-7B-Instruct`` + a cluster SFT adapter), only a few hundred times smaller:
 
