@@ -33,19 +33,20 @@ class Record(Callback):
         self.rows.append({k: float(m[k]) for k in ("objective/scores", "objective/kl")})
 
 
-def train(kl_coef: float, rollouts: int = 12, seed: int = 0, lr: float = 1.5e-3):
+def train(kl_coef: float, rollouts: int = 12, seed: int = 0, lr: float = 1.5e-3, batch_size: int = 8,
+          critic: str = "value_head", reward: RewardBackend = None, **ppo):
     torch.manual_seed(seed)
     module = PPOModule(
-        policy=PolicyConfig(),
-        reward=BrevityReward(),
-        ppo=PPOConfig(ppo_epochs=4, num_minibatches=2, kl_coef=kl_coef),
+        policy=PolicyConfig(critic=critic),
+        reward=reward or BrevityReward(),
+        ppo=PPOConfig(**{"ppo_epochs": 4, "num_minibatches": 2, "kl_coef": kl_coef, **ppo}),
         sampling=SamplingConfig(max_new_tokens=16, temperature=1.0),
         optimizer=lambda p: torch.optim.AdamW(p, lr=lr, eps=1e-5),
-        rollout_batch_size=8,
+        rollout_batch_size=batch_size,
         log_samples=0,
         seed=seed,
     )
-    data = PromptDataModule(prompt_file=PROMPTS, batch_size=8, tokenizer="builtin:demo", seed=seed)
+    data = PromptDataModule(prompt_file=PROMPTS, batch_size=batch_size, tokenizer="builtin:demo", seed=seed)
     rec = Record()
     trainer = Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=rollouts, limit_val_batches=0,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -94,3 +95,43 @@ def test_ppo_raises_the_score_and_the_kl_coefficient_holds_the_policy_back():
     kl_free = sum(r["objective/kl"] for r in free[-3:]) / 3
     kl_held = sum(r["objective/kl"] for r in held[-3:]) / 3
     assert kl_held < kl_free, (kl_held, kl_free)
+
+
+def rise(rows, key="objective/scores"):
+    return sum(r[key] for r in rows[-3:]) / 3 - sum(r[key] for r in rows[:3]) / 3
+
+
+# The same 8 responses per rollout for every estimator: 2 prompts x 4 samples for the group ones.
+ESTIMATORS = {
+    "grpo": dict(samples_per_prompt=4, batch_size=2, kl_in="loss", kl_estimator="k3",
+                 loss_agg_mode="seq-mean-token-mean"),
+    "rloo": dict(samples_per_prompt=4, batch_size=2),
+    "reinforce_plus_plus": dict(),
+    "reinforce_plus_plus_baseline": dict(samples_per_prompt=4, batch_size=2),
+}
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_each_critic_free_estimator_raises_the_score(estimator):
+    kw = dict(ESTIMATORS[estimator])
+    batch = kw.pop("batch_size", 8)
+    _, _, rows = train(kl_coef=0.01, critic="none", adv_estimator=estimator, batch_size=batch, **kw)
+    print(f"\n{estimator}: brevity score +{rise(rows):.3f}, final KL {rows[-1]['objective/kl']:.2f}")
+    assert rise(rows) > 0.15, rows
+    assert all(r["objective/kl"] == r["objective/kl"] for r in rows)  # logged, not NaN
+
+
+class TinyBrevity(BrevityReward):
+    """The same signal in hundredths: values in [0, 0.02]."""
+
+    def score(self, prompts, responses):
+        return [0.02 * s for s in super().score(prompts, responses)]
+
+
+def test_a_reward_in_hundredths_learns_like_one_in_units_by_default():
+    # Scores are normalised by a running mean and std unless model.ppo.normalize_scores is off.
+    _, _, small = train(kl_coef=0.05, reward=TinyBrevity())
+    _, _, raw = train(kl_coef=0.05, reward=TinyBrevity(), normalize_scores=False)
+    print(f"\nhundredths reward: +{rise(small) / 0.02:.2f} of its range normalised, "
+          f"+{rise(raw) / 0.02:.2f} raw")
+    assert rise(small) / 0.02 > 0.15 and rise(small) > 2 * rise(raw), (rise(small), rise(raw))

@@ -742,6 +742,8 @@ def test_rollout_select_returns_rows():
         advantages=torch.randn(B, R, generator=g),
         returns=torch.randn(B, R, generator=g),
         valid=torch.tensor([True, False, True, True]),
+        group_index=torch.tensor([0, 0, 1, 1]),
+        is_weights=torch.rand(B, R, generator=g),
     )
     rollout = Rollout(**fields)
     idx = torch.tensor([2, 0])

@@ -58,6 +58,20 @@ def penalize_missing_eos(scores: Tensor, has_stop: Tensor, penalty: Optional[flo
     return scores
 
 
+def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer: int, penalty: float) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 for responses of at most
+    ``L - buffer`` tokens, then ``-penalty * (length - (L - buffer)) / buffer``, reaching
+    ``-penalty`` at ``L = max_new_tokens``.
+
+    Args:
+        lengths: ``(B,)`` response lengths in tokens.
+    Returns:
+        ``(B,)`` float, <= 0, to add to the scores.
+    """
+    excess = (lengths.float() - (max_new_tokens - buffer)).clamp(min=0.0)
+    return -penalty * (excess / buffer).clamp(max=1.0)
+
+
 def normalize_scores(scores: Tensor, moments: Optional[RunningMoments], clip: Optional[float]) -> Tensor:
     """``clip((score - mean) / std, -clip, clip)`` with running ``moments`` (skipped when None; the
     caller folds every data-parallel rank's valid scores into them first) and ``clip`` (skipped when

@@ -36,12 +36,14 @@ class Rollout(NamedTuple):
             on every token of a sample the reward could not score (it gets no update).
         logprobs: ``(B, R)`` log pi_old(a_t | s_t) with temperature-scaled logits, 0 where masked.
         ref_logprobs: ``(B, R)`` log pi_ref(a_t | s_t), same temperature, 0 where masked.
-        values: ``(B, R)`` V_old(s_t) from the critic, 0 where masked.
+        values: ``(B, R)`` V_old(s_t) from the critic, 0 where masked (and without a critic).
         scores: ``(B,)`` the reward backend's score after shaping (penalties, normalisation).
         rewards: ``(B, R)`` per-token rewards: ``-beta * kl_t`` plus the score on the last token.
         advantages: ``(B, R)`` advantages (whitened over the batch when the estimator does).
         returns: ``(B, R)`` value targets ``A_t + V_t`` (before whitening).
         valid: ``(B,)`` bool, false for samples the reward could not score.
+        group_index: ``(B,)`` long, the prompt each response answers (``samples_per_prompt`` share one).
+        is_weights: ``(B, R)`` truncated importance weights of the sampler (1 without the correction).
     """
 
     query_ids: Tensor
@@ -56,6 +58,8 @@ class Rollout(NamedTuple):
     advantages: Tensor
     returns: Tensor
     valid: Tensor
+    group_index: Tensor
+    is_weights: Tensor
 
     def select(self, index: Tensor | slice) -> "Rollout":
         """The rows ``index`` of every field: a minibatch."""

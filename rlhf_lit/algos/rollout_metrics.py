@@ -25,11 +25,12 @@ def rollout_metrics(
     update_mask: Tensor,
     rollout_seconds: float,
     components: Mapping[str, Tensor] = {},
+    kl_in_reward: bool = True,
 ) -> dict[str, float]:
     """One rollout's scalars.
 
     - ``objective/kl``: mean over samples of ``sum_t kl_t`` (nats per response);
-      ``objective/non_score_reward``: mean of ``-beta * sum_t kl_t``;
+      ``objective/non_score_reward``: mean of ``-beta * sum_t kl_t`` (0 when the KL is in the loss);
     - ``objective/scores``: mean raw reward score over the scored samples;
       ``objective/rlhf_reward``: mean of shaped score + non-score reward over them;
     - ``objective/entropy``: mean per-response sum of token entropies (``_per_token``: token mean);
@@ -48,11 +49,12 @@ def rollout_metrics(
         values, returns: ``(B, R)``; values None without a critic.
         rollout_seconds: wall time of sampling.
         components: ``(B,)`` tensors by name.
+        kl_in_reward: whether ``-beta * KL`` is part of the rewards (``kl_in: reward``).
     Returns:
         A dict of Python floats.
     """
     seq_kl = kl.sum(-1)
-    non_score = (-kl_coef * kl).sum(-1)
+    non_score = (-kl_coef * kl).sum(-1) if kl_in_reward else torch.zeros_like(seq_kl)
     lengths = response_mask.sum(-1).float()
     ev = explained_variance(values, returns, update_mask) if values is not None else torch.zeros(())
     metrics = {

@@ -157,7 +157,7 @@ def render_markdown(report: dict[str, Any], examples: dict[str, list[dict[str, A
         policy = "the SFT adapter itself (no `--ckpt_path` and no `model.policy.policy_adapter`)"
     lines = [
         "# RLHF adapter vs SFT adapter on the test prompts", "",
-        f"- **RLHF policy**: {policy}",
+        f"- **RLHF policy**: {policy}" + (f", trained with {run['algorithm']}" if run.get("algorithm") else ""),
         f"- **SFT reference**: `{run.get('sft_adapter')}` on base model `{run.get('base_model')}`",
         f"- **Prompts**: {report['n_prompts']} test prompts, {run.get('samples_per_prompt', '?')} sample(s) per "
         f"prompt and adapter = {report['n_pairs']} paired samples; both adapters sample each prompt with the same "

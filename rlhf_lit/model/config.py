@@ -47,13 +47,15 @@ class PolicyConfig:
     attn_implementation: Optional[str] = "auto"
     """transformers attention kernel: ``auto`` (``flash_attention_2`` on a GPU when the flash-attn
     package is installed, else ``sdpa``), ``sdpa``, ``flash_attention_2`` or ``eager``."""
-    critic: Literal["value_head", "adapter"] = "value_head"
+    critic: Literal["value_head", "adapter", "none"] = "value_head"
     """The critic. ``value_head`` (default): a linear head on the policy's last hidden states, so one
     forward gives log-probs and values and no adapter memory is added; the value loss also shapes the
     policy LoRA (weighted by ``ppo.vf_coef``).
     ``adapter``: its own LoRA adapter on the same quantized base plus the head, initialised from the
     SFT adapter (else a fresh LoRA); value gradients never touch the policy, for a second forward and
-    backward per micro-batch and a second trainable adapter (and its optimizer state)."""
+    backward per micro-batch and a second trainable adapter (and its optimizer state).
+    ``none``: no critic at all (no head, no value forward or loss), for the critic-free estimators
+    (``model.ppo.adv_estimator``: grpo, rloo, reinforce_plus_plus, ...)."""
     value_head_init_std: float = 0.0
     """Std of the value head's initial weights; 0 starts the critic at V = 0 (OpenAI 2019)."""
     trust_remote_code: bool = False

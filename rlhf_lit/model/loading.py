@@ -190,8 +190,8 @@ def load_peft_model(config: PolicyConfig, device: torch.device):
         else:
             model.add_adapter(CRITIC, fresh_lora)
         trained.append(CRITIC)
-    elif config.critic != "value_head":
-        raise ValueError(f"model.policy.critic={config.critic!r}: expected 'value_head' or 'adapter'")
+    elif config.critic not in ("value_head", "none"):
+        raise ValueError(f"model.policy.critic={config.critic!r}: expected 'value_head', 'adapter' or 'none'")
     model.set_adapter(POLICY)
     for name, p in model.named_parameters():
         is_trained = any(f".{a}." in name for a in trained)

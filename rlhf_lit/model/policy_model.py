@@ -10,9 +10,9 @@ The training loop asks this module for log-probs and values through three calls 
 - :meth:`PolicyModel.forward`: one forward of whichever adapter is active.
 
 ``critic`` is decided here only: a value head on the policy's own last hidden states (one forward
-gives log-probs and values; its gradients also shape the policy LoRA, scaled by ``vf_coef``), or a
+gives log-probs and values; its gradients also shape the policy LoRA, scaled by ``vf_coef``), a
 third adapter ``critic`` with the head on *its* hidden states (value gradients never reach the
-policy; a second forward and backward).
+policy; a second forward and backward), or none at all (critic-free estimators: values are None).
 """
 
 from __future__ import annotations
@@ -70,10 +70,12 @@ class PolicyModel(nn.Module):
         self.critic = config.critic
         self.has_reference_adapter = config.sft_adapter is not None
         self.has_critic_adapter = config.critic == "adapter"
-        hidden = self.peft.get_base_model().config.get_text_config().hidden_size
-        self.value_head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
-        nn.init.normal_(self.value_head.weight, std=config.value_head_init_std)
-        nn.init.zeros_(self.value_head.bias)
+        self.value_head: Optional[nn.Linear] = None
+        if config.critic != "none":
+            hidden = self.peft.get_base_model().config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1, device=device, dtype=torch.float32)
+            nn.init.normal_(self.value_head.weight, std=config.value_head_init_std)
+            nn.init.zeros_(self.value_head.bias)
         disable_dropout(self.peft)
         self._switch = AdapterSwitch(self.peft)
         self._switch.activate(POLICY)  # one representation of the active adapter: compiled layers guard on it
@@ -160,7 +162,8 @@ class PolicyModel(nn.Module):
         """Experience for a rollout, without gradients, ``micro_batch_size`` rows per forward.
 
         ``role=POLICY``: the policy's log-probs (and entropies) and, when ``values``, the critic's
-        values (from the same forward with a value head, from the critic adapter's otherwise);
+        values (from the same forward with a value head, from the critic adapter's otherwise; None
+        with ``critic: none``);
         ``role=REFERENCE``: the reference's log-probs (values None).
 
         Returns:
@@ -212,8 +215,11 @@ class PolicyModel(nn.Module):
         them inside ``role(CRITIC)`` (and pass ``logprobs=False`` to skip the LM head).
 
         Raises:
-            RuntimeError: values asked of the policy's hidden states when the critic is an adapter.
+            RuntimeError: values asked of the policy's hidden states when the critic is an adapter, or
+                of a model without a critic.
         """
+        if values and self.value_head is None:
+            raise RuntimeError("critic: none: this model has no value head")
         if values and self.has_critic_adapter and self.peft.active_adapter != CRITIC:
             raise RuntimeError("critic: adapter: values come from a forward inside role(CRITIC), "
                                "not from the policy's hidden states")

@@ -30,6 +30,10 @@ class FallbackEngine(RolloutEngine):
     def name(self) -> str:
         return self.active.name
 
+    @property
+    def last_sampler_logprobs(self):
+        return self.active.last_sampler_logprobs
+
     def generate(self, model, input_ids, attention_mask, sampling, stop_token_ids, pad_token_id):
         from rlhf_lit.rollout.cuda_graph import UnsupportedModelError
 
@@ -61,5 +65,5 @@ def make_engine(name: EngineName, device: torch.device) -> RolloutEngine:
         raise ValueError("model.rollout_engine=cuda_graph needs a CUDA GPU; use 'hf' or 'auto' on the CPU")
     from rlhf_lit.rollout.cuda_graph import StaticCudaGraphGenerate
 
-    engine = StaticCudaGraphGenerate()
+    engine = StaticCudaGraphGenerate(sampler_logprobs=True)
     return FallbackEngine(engine) if name == "auto" else engine

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -60,6 +60,14 @@ class RolloutEngine(ABC):
         Returns:
             ``(B, R)`` new tokens with ``R <= sampling.max_new_tokens``, PAD after each stop token.
         """
+
+    @property
+    def last_sampler_logprobs(self) -> Optional[Tensor]:
+        """``(B, R)`` float32 log-probs under which the last ``generate`` call drew each token (after
+        temperature, stop suppression, top-k and top-p), 0 after the stop; None when the engine does
+        not record them. The training forward's log-probs differ by numerics and by the filters:
+        PPO measures that gap and can correct for it (``model.ppo.rollout_is``)."""
+        return None
 
     @property
     def name(self) -> str:

@@ -88,6 +88,7 @@ from torch import Tensor, nn
 
 from rlhf_lit.model.peft_layers import fuse_rows_as_views, is_lora_layer, lora_state_signature, lora_view
 from rlhf_lit.rollout.base import RolloutEngine, SamplingConfig
+from rlhf_lit.rollout.sampling import filter_logits, sample_from_filtered, sample_from_logits  # noqa: F401
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -410,6 +411,8 @@ class StaticCudaGraphGenerate(RolloutEngine):
             reported log-probs.
         compute_logprobs: keep ``log_softmax(logits / T)`` of each generated token in
             ``last_logprobs`` (``(B, R)``, 0 after the stop).
+        sampler_logprobs: keep instead the log-prob under which each token was actually sampled
+            (after min_new_tokens' stop suppression, top-k and top-p) in ``last_sampler_logprobs``.
         seed: seed of a private generator (``None``: the global CUDA/CPU generator).
         check_every: steps between host checks for "all rows finished".
         fuse_qkv: run q/k/v (plain Linear bases) as one GEMM; their parameters become views of
@@ -424,6 +427,7 @@ class StaticCudaGraphGenerate(RolloutEngine):
         norm: str = "fused",
         greedy: bool = False,
         compute_logprobs: bool = False,
+        sampler_logprobs: bool = False,
         seed: Optional[int] = None,
         check_every: int = 8,
         fuse_qkv: bool = True,
@@ -439,7 +443,8 @@ class StaticCudaGraphGenerate(RolloutEngine):
         self.lora_mode = lora
         self.fused_norm = norm == "fused"
         self.greedy = greedy
-        self.compute_logprobs = compute_logprobs
+        self.sampler_logprobs = sampler_logprobs
+        self.compute_logprobs = compute_logprobs or sampler_logprobs
         self.seed = seed
         self.check_every = check_every
         self.fuse_qkv = fuse_qkv
@@ -456,6 +461,10 @@ class StaticCudaGraphGenerate(RolloutEngine):
         self._pad = 0
 
     # ----------------------------------------------------------------------------- public API
+    @property
+    def last_sampler_logprobs(self) -> Optional[Tensor]:
+        return self.last_logprobs if self.sampler_logprobs else None
+
     def release(self) -> None:
         self._state = None
         self._state_key = None
@@ -513,7 +522,8 @@ class StaticCudaGraphGenerate(RolloutEngine):
         stops = tuple(sorted(set(int(s) for s in stop_token_ids)))
         use_graph = self.use_cuda_graph and dev.type == "cuda"
         key = (B, Pb, R, sampling.min_new_tokens, float(sampling.temperature), int(sampling.top_k),
-               float(sampling.top_p), stops, int(pad_token_id), self.greedy, self.compute_logprobs, use_graph)
+               float(sampling.top_p), stops, int(pad_token_id), self.greedy, self.compute_logprobs,
+               self.sampler_logprobs, use_graph)
         if self._state is None or self._state_key != key:
             self._state = None
             self._state = _State(plan, B, Pb, R, stops)
@@ -693,14 +703,18 @@ class StaticCudaGraphGenerate(RolloutEngine):
         if x.data_ptr() == logits.data_ptr():
             x = x.clone()
         x.div_(s.temperature)
-        lse = torch.logsumexp(x, -1) if self.compute_logprobs else None
+        # The model's distribution at temperature T; sampler_logprobs replaces it by the filtered one.
+        lse = torch.logsumexp(x, -1) if self.compute_logprobs and (self.greedy or not self.sampler_logprobs) else None
         if s.min_new_tokens > 0 and st.stop_t is not None:
             sub = x.index_select(1, st.stop_t)
             x.index_copy_(1, st.stop_t, torch.where(st.step < s.min_new_tokens, float("-inf"), sub))
         if self.greedy:
             nxt = x.argmax(-1)
         else:
-            nxt = sample_from_logits(x, s.top_k, s.top_p, gen)
+            filtered = filter_logits(x, s.top_k, s.top_p)
+            nxt = sample_from_filtered(filtered, gen)
+            if self.sampler_logprobs:  # the distribution the token was drawn from
+                x, lse = filtered, torch.logsumexp(filtered, -1)
         fin = st.finished
         nxt = torch.where(fin, self._pad, nxt)
         st.out.index_copy_(1, st.step, nxt[:, None])
@@ -746,33 +760,3 @@ def _warmup_stream(device: torch.device):
     if idx not in _WARMUP_STREAMS:
         _WARMUP_STREAMS[idx] = torch.cuda.Stream(device=idx)
     return _WARMUP_STREAMS[idx]
-
-
-def filter_logits(scores: Tensor, top_k: int, top_p: float) -> Tensor:
-    """HF's ``TopKLogitsWarper`` then ``TopPLogitsWarper`` (min_tokens_to_keep=1), out of place:
-    keep the ``top_k`` largest scores (0: all), then drop the least likely tokens whose cumulative
-    probability stays below ``1 - top_p`` (1.0: none). Graph-safe (no host syncs)."""
-    if top_k > 0:
-        k = min(top_k, scores.shape[-1])
-        kth = torch.topk(scores, k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p >= 1.0:
-        return scores
-    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    remove_sorted = cum <= (1 - top_p)
-    remove_sorted[..., -1:] = False
-    remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
-    return scores.masked_fill(remove, float("-inf"))
-
-
-def sample_from_logits(scores: Tensor, top_k: int = 0, top_p: float = 1.0, generator=None) -> Tensor:
-    """One token per row from ``softmax(filter_logits(scores))``, graph-safe.
-
-    Exponential race: ``argmax_i p_i / E_i`` with ``E_i ~ Exp(1)`` picks ``i`` with probability
-    ``p_i``. ``E_i = -log(u_i)`` with ``u_i`` in [0, 1) is never 0 (a 0 would give 0/0 = NaN for
-    filtered tokens), so the race is written as ``argmin p_i / log(u_i)``.
-    """
-    probs = torch.softmax(filter_logits(scores, top_k, top_p), -1)
-    u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-    return torch.argmin(probs / u.log_(), -1)

@@ -2,21 +2,64 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
+
+from transformers import LogitsProcessor
 
 from rlhf_lit.rollout.base import RolloutEngine
+from rlhf_lit.rollout.sampling import filter_logits
+
+
+class _SamplerLogprobs(LogitsProcessor):
+    """A logits processor that records the log-prob of each sampled token under the distribution
+    it was drawn from. transformers runs custom processors before its own temperature / top-k /
+    top-p warpers, so this one applies the same warpers (``filter_logits`` mirrors HF's) to the
+    scores it sees and, one step later, reads the log-prob of the token that was drawn."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float) -> None:
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.steps: list[Tensor] = []
+        self._prev: Optional[Tensor] = None
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self._take(input_ids[:, -1])
+        self._prev = torch.log_softmax(filter_logits(scores.float() / self.temperature, self.top_k, self.top_p), -1)
+        return scores
+
+    def _take(self, tokens: Tensor) -> None:
+        if self._prev is not None:
+            self.steps.append(self._prev.gather(1, tokens[:, None])[:, 0])
+            self._prev = None
+
+    def finish(self, new_tokens: Tensor) -> Tensor:
+        """``(B, R)`` log-probs of ``new_tokens`` (the last step's token is read here)."""
+        if new_tokens.shape[1] > len(self.steps):
+            self._take(new_tokens[:, len(self.steps)])
+        lp = torch.stack(self.steps, 1) if self.steps else new_tokens.new_zeros(new_tokens.shape, dtype=torch.float32)
+        return lp[:, : new_tokens.shape[1]]
 
 
 class HFGenerate(RolloutEngine):
     """transformers' ``generate`` with a dynamic KV cache: works everywhere (CPU included).
 
     A generation config is built from scratch so a model's shipped defaults (Qwen2.5 ships
-    ``repetition_penalty=1.05, top_k=20, top_p=0.8``) never change the sampling distribution.
+    ``repetition_penalty=1.05, top_k=20, top_p=0.8``) never change the sampling distribution. The
+    log-probs each token was sampled with are recorded (:attr:`last_sampler_logprobs`).
     """
+
+    def __init__(self) -> None:
+        self._last_logprobs: Optional[Tensor] = None
+
+    @property
+    def last_sampler_logprobs(self) -> Optional[Tensor]:
+        return self._last_logprobs
 
     @torch.no_grad()
     def generate(self, model, input_ids, attention_mask, sampling, stop_token_ids, pad_token_id):
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
 
         config = GenerationConfig(
             do_sample=True,
@@ -29,5 +72,11 @@ class HFGenerate(RolloutEngine):
             pad_token_id=pad_token_id,
             repetition_penalty=1.0,
         )
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-        return out[:, input_ids.shape[1]:]
+        recorder = _SamplerLogprobs(sampling.temperature, sampling.top_k, sampling.top_p)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                             logits_processor=LogitsProcessorList([recorder]))
+        tokens = out[:, input_ids.shape[1]:]
+        stopped = torch.isin(tokens, torch.as_tensor(list(stop_token_ids), device=tokens.device))
+        after_stop = (stopped.cumsum(-1) - stopped.long()) > 0  # PAD after each row's first stop
+        self._last_logprobs = recorder.finish(tokens).masked_fill(after_stop, 0.0)
+        return tokens

@@ -2,12 +2,14 @@
 
 One training step is one PPO iteration (CleanRL's outline):
 
-1. collect    — sample responses to a batch of prompts with the policy adapter active
+1. collect    — sample ``samples_per_prompt`` responses to each prompt with the policy adapter active
 2. score      — the reward backend reads (prompt, response) text
 3. evaluate   — old log-probs and values (policy + critic), reference log-probs (reference adapter)
 4. shape      — score penalties / normalisation, per-token KL penalty, score on the last token
-5. advantages — the configured estimator (``gae``)
-6. update     — ``ppo_epochs`` x shuffled minibatches of clipped policy + value loss
+5. advantages — the configured estimator (``gae``, ``grpo``, ``rloo``, ``reinforce_plus_plus``, ...)
+6. update     — ``ppo_epochs`` x shuffled minibatches of clipped policy (+ value, + KL) loss
+
+PPO, GRPO, RLOO and REINFORCE++ differ only by configuration (``configs/algorithms/``).
 
 The maths lives in :mod:`rlhf_lit.algos`, the model and its adapters in :mod:`rlhf_lit.model`,
 sampling in :mod:`rlhf_lit.rollout`, the optimizer step in :mod:`rlhf_lit.stages.update_step`;
@@ -16,19 +18,25 @@ this file orchestrates and logs.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+log = logging.getLogger(__name__)
+
 from rlhf_lit.algos.advantages import AdvantageInput, get_advantage_estimator
 from rlhf_lit.algos.aggregation import agg_units, agg_weight
+from rlhf_lit.algos.groups import group_index, zero_signal_groups
 from rlhf_lit.algos.kl import adaptive_kl_coef, kl_estimate
-from rlhf_lit.algos.losses import clipped_policy_loss, clipped_value_loss
-from rlhf_lit.algos.masked import masked_whiten
+from rlhf_lit.algos.losses import clipped_policy_loss, clipped_value_loss, kl_loss, truncated_is_weights
+from rlhf_lit.algos.masked import masked_mean, masked_whiten
 from rlhf_lit.algos.responses import TruncatedResponse
-from rlhf_lit.algos.reward_shaping import RunningMoments, kl_penalized_rewards, normalize_scores, penalize_missing_eos
+from rlhf_lit.algos.reward_shaping import (
+    RunningMoments, kl_penalized_rewards, normalize_scores, overlong_penalty, penalize_missing_eos,
+)
 from rlhf_lit.algos.rollout_batch import ResponseBatch, Rollout
 from rlhf_lit.algos.rollout_metrics import rollout_metrics
 from rlhf_lit.model import POLICY, REFERENCE, PolicyConfig, ResponseOutput
@@ -94,19 +102,41 @@ class PPOModule(PolicyStage):
         self.export_every_n_rollouts = export_every_n_rollouts
         self.log_samples, self.samples_every_n_rollouts = log_samples, samples_every_n_rollouts
         self.advantage_estimator = get_advantage_estimator(ppo.adv_estimator)
+        self._check_critic()
         minibatch = self._check_batch_shapes()
         self.update_step = UpdateStep(self, ppo.micro_batch_size, ppo.max_grad_norm, minibatch)
         self.kl_coef = ppo.kl_coef
         self.score_moments = RunningMoments()
         self.rollouts_done = 0
 
+    def _check_critic(self) -> None:
+        name, critic = self.advantage_estimator.name, self.policy_config.critic
+        if self.advantage_estimator.needs_critic and critic == "none":
+            raise ValueError(f"model.ppo.adv_estimator={name!r} needs a critic, but model.policy.critic is 'none': "
+                             f"use 'value_head' or 'adapter', or a critic-free estimator (grpo, rloo, ...)")
+        if not self.advantage_estimator.needs_critic and critic != "none":
+            log.warning("model.ppo.adv_estimator=%r uses no critic, but model.policy.critic=%r trains one: set "
+                        "model.policy.critic: none to save its forward, backward and memory", name, critic)
+
     def _check_batch_shapes(self) -> int:
-        B, n = self.rollout_batch_size, self.ppo.num_minibatches
-        if B % n:
-            raise ValueError(f"data.batch_size={B} is not divisible by model.ppo.num_minibatches={n}")
-        check_micro_batch_size(self.ppo.micro_batch_size, B // n,
-                               f"= data.batch_size {B} / num_minibatches {n}")
-        return B // n
+        """The minibatch size in responses; each minibatch holds whole groups of a prompt's responses."""
+        B, n, k = self.rollout_batch_size, self.ppo.samples_per_prompt, self.ppo.num_minibatches
+        if B % k:
+            raise ValueError(f"data.batch_size={B} is not divisible by model.ppo.num_minibatches={k}"
+                             + (" (minibatches hold whole groups of samples_per_prompt responses)" if n > 1 else ""))
+        check_micro_batch_size(self.ppo.micro_batch_size, B * n // k,
+                               f"= data.batch_size {B} x samples_per_prompt {n} / num_minibatches {k}")
+        return B * n // k
+
+    @property
+    def algorithm(self) -> str:
+        """The algorithm this configuration is, for the report: the estimator and what sets it apart."""
+        cfg = self.ppo
+        names = {"gae": "PPO", "grpo": "GRPO" if cfg.norm_adv_by_std else "Dr. GRPO", "rloo": "RLOO",
+                 "reinforce_plus_plus": "REINFORCE++", "reinforce_plus_plus_baseline": "REINFORCE++-baseline"}
+        name = names.get(cfg.adv_estimator, cfg.adv_estimator)
+        return (f"{name} (adv_estimator={cfg.adv_estimator}, samples_per_prompt={cfg.samples_per_prompt}, "
+                f"loss_agg_mode={cfg.loss_agg_mode}, kl_in={cfg.kl_in}, critic={self.policy_config.critic})")
 
     def eval_micro_batch(self, rows: int) -> int:
         return self.update_step.micro_batch(rows)
@@ -137,10 +167,13 @@ class PPOModule(PolicyStage):
     @torch.no_grad()
     def make_rollout(self, batch: dict[str, Any]) -> tuple[Rollout, dict[str, float], list[str]]:
         """Steps 1-5: collect, score, evaluate, shape rewards, advantages."""
-        T = self.sampling.temperature
+        T, n = self.sampling.temperature, self.ppo.samples_per_prompt
+        groups = group_index(batch["input_ids"].shape[0], n, device=self.device)
+        batch = repeat_prompts(batch, n)
         timings = {}
         t = self._clock()
         responses, texts = self.sample(batch, self.sampling)                              # 1. collect
+        sampler_logprobs = self.engine.last_sampler_logprobs
         self.engine.release()
         timings["time/rollout_s"] = self._clock() - t
 
@@ -158,49 +191,77 @@ class PPOModule(PolicyStage):
         if self.device.type == "cuda":  # the experience phases (sampling, scoring, evaluation) alone
             timings["perf/peak_mem_rollout_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
 
-        rollout, kl = self.shape_rewards(sampled, responses, reward_out, policy_out, ref_out)   # 4. shape
-        rollout = self.compute_advantages(rollout)                                             # 5. advantages
+        rollout, kl, extra = self.shape_rewards(sampled, responses, reward_out, policy_out, ref_out, groups,
+                                                sampler_logprobs)                           # 4. shape
+        rollout = self.compute_advantages(rollout)                                         # 5. advantages
 
         metrics = rollout_metrics(
             raw_scores=reward_out.scores.to(self.device), scores=rollout.scores, valid=rollout.valid, kl=kl,
             kl_coef=self.kl_coef, entropy=policy_out.entropy, response_mask=responses.response_mask,
-            has_stop=responses.has_stop, values=rollout.values, returns=rollout.returns,
+            has_stop=responses.has_stop, values=policy_out.values, returns=rollout.returns,
             update_mask=rollout.response_mask, rollout_seconds=timings["time/rollout_s"],
-            components=reward_out.components,
+            components=reward_out.components, kl_in_reward=self.ppo.kl_in == "reward",
         )
-        return rollout, metrics | timings | dict(reward_out.metrics), texts
+        return rollout, metrics | extra | timings | dict(reward_out.metrics), texts
 
     def shape_rewards(self, sampled: ResponseBatch, responses: TruncatedResponse, reward_out: RewardOutput,
-                      policy_out: ResponseOutput, ref_out: ResponseOutput) -> tuple[Rollout, Tensor]:
-        """Scores -> shaped scores -> per-token rewards ``-beta * kl_t + [t = T] * score``.
+                      policy_out: ResponseOutput, ref_out: ResponseOutput, groups: Tensor,
+                      sampler_logprobs: Optional[Tensor] = None) -> tuple[Rollout, Tensor, dict[str, float]]:
+        """Scores -> shaped scores -> per-token rewards ``-beta * kl_t + [t = T] * score`` (the KL term
+        only with ``kl_in: reward``); decides which tokens get an update.
 
-        Returns the rollout (advantages and returns still zero) and the per-token KL ``(B, R)``.
+        Returns the rollout (advantages and returns still zero), the per-token KL ``(B, R)`` and
+        metrics of the shaping (zero-signal groups, sampler gap).
         """
-        cfg, r_mask = self.ppo, responses.response_mask
+        cfg, r_mask, has_stop = self.ppo, responses.response_mask, responses.has_stop
         valid = reward_out.valid.to(self.device)
-        scores = penalize_missing_eos(reward_out.scores.to(self.device), responses.has_stop, cfg.missing_eos_penalty)
+        scores = penalize_missing_eos(reward_out.scores.to(self.device), has_stop, cfg.missing_eos_penalty)
+        if cfg.overlong_buffer is not None:
+            scores = scores + overlong_penalty(r_mask.sum(-1), self.sampling.max_new_tokens, cfg.overlong_buffer,
+                                               cfg.overlong_penalty)
+        zero_signal = zero_signal_groups(scores, groups, valid)
         if cfg.normalize_scores:
             # Statistics over every rank's valid scores, so all ranks normalise alike.
             all_scores, all_valid = self.all_gather(scores).reshape(-1), self.all_gather(valid).reshape(-1)
             self.score_moments.update(all_scores[all_valid])
         scores = normalize_scores(scores, self.score_moments if cfg.normalize_scores else None, cfg.score_clip)
 
-        mask = r_mask & valid.unsqueeze(-1)  # unscored samples get no update
+        update = valid                               # unscored samples get no update
+        if cfg.mask_truncated:
+            update = update & has_stop
+        if cfg.filter_zero_signal_groups:
+            update = update & ~zero_signal
+        mask = r_mask & update.unsqueeze(-1)
         logprobs = policy_out.logprobs * r_mask
         ref_logprobs = ref_out.logprobs * r_mask
-        values = policy_out.values * r_mask
+        values = policy_out.values * r_mask if policy_out.values is not None else torch.zeros_like(logprobs)
         kl = kl_estimate(logprobs, ref_logprobs, cfg.kl_estimator) * r_mask
-        rewards = kl_penalized_rewards(scores, kl, mask, responses.last_index, self.kl_coef)
+        beta = self.kl_coef if cfg.kl_in == "reward" else 0.0
+        rewards = kl_penalized_rewards(scores, kl, mask, responses.last_index, beta)
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False)
+        extra = {"objective/frac_reward_zero_std": float(zero_signal.float().mean()),
+                 "objective/update_fraction": float(update.float().mean())}
+        is_weights = torch.ones_like(logprobs)
+        if sampler_logprobs is not None:
+            gap = (logprobs - sampler_logprobs) * r_mask
+            extra["rollout/logprob_gap_mean"] = float(masked_mean(gap.abs(), r_mask))
+            extra["rollout/logprob_gap_max"] = float(gap.abs().max())
+            if cfg.rollout_is != "none":
+                is_weights = truncated_is_weights(logprobs, sampler_logprobs, r_mask, cfg.rollout_is, cfg.rollout_is_cap)
+                extra["rollout/is_weight_mean"] = float(masked_mean(is_weights, r_mask))
+        elif cfg.rollout_is != "none":
+            raise RuntimeError(f"model.ppo.rollout_is={cfg.rollout_is!r}: the rollout engine {self.engine.name} "
+                               f"does not record the log-probs it sampled with")
         zeros = torch.zeros_like(rewards)
         rollout = Rollout(sampled.query_ids, sampled.query_mask, sampled.response_ids, mask, logprobs, ref_logprobs,
-                          values, scores, rewards, zeros, zeros, valid)
-        return rollout, kl
+                          values, scores, rewards, zeros, zeros, valid, groups, is_weights)
+        return rollout, kl, extra
 
     def compute_advantages(self, rollout: Rollout) -> Rollout:
         """The configured estimator (``model.ppo.adv_estimator``) on the shaped rewards."""
-        x = AdvantageInput(rollout.rewards, rollout.values, rollout.response_mask, rollout.scores)
+        values = rollout.values if self.advantage_estimator.needs_critic else None
+        x = AdvantageInput(rollout.rewards, values, rollout.response_mask, rollout.scores, rollout.group_index)
         advantages, returns = self.advantage_estimator.fn(x, self.ppo)
         return rollout._replace(advantages=advantages, returns=returns)
 
@@ -210,13 +271,15 @@ class PPOModule(PolicyStage):
     def ppo_update(self, rollout: Rollout) -> dict[str, float]:
         """Step 6: epochs x shuffled minibatches of clipped policy and value losses."""
         cfg = self.ppo
-        B = rollout.query_ids.shape[0]
+        B, n = rollout.query_ids.shape[0], cfg.samples_per_prompt
         mb_size = B // cfg.num_minibatches
         stats: dict[str, list[Tensor]] = {}
         with self.update_step.phase() as update:
             update.measure(lambda: self._probe_loss(rollout), self._length_scale(rollout))
             for epoch in range(cfg.ppo_epochs):
-                perm = torch.randperm(B, device=self.device)
+                # Shuffle whole groups: a prompt's responses stay in one minibatch (n = 1: rows).
+                perm = (torch.randperm(B // n, device=self.device)[:, None] * n
+                        + torch.arange(n, device=self.device)).reshape(-1)
                 for start in range(0, B, mb_size):
                     self._minibatch_step(rollout, perm[start:start + mb_size], stats)
                     if self._kl_stop(stats):
@@ -235,34 +298,45 @@ class PPOModule(PolicyStage):
         return out
 
     def _minibatch_step(self, rollout: Rollout, mb_idx: Tensor, stats: dict[str, list[Tensor]]) -> None:
-        """One optimizer step on the minibatch ``mb_idx``: clipped policy loss + ``vf_coef`` x
-        clipped value loss, aggregated over the minibatch (``loss_agg_mode``)."""
-        cfg, T = self.ppo, self.sampling.temperature
-        local_units = agg_units(rollout.response_mask[mb_idx], cfg.loss_agg_mode)
+        """One optimizer step on the minibatch ``mb_idx``: clipped policy loss (+ ``vf_coef`` x
+        clipped value loss with a critic, + ``beta`` x KL with ``kl_in: loss``), each aggregated over
+        the minibatch by ``loss_agg_mode``."""
+        cfg, T, mode = self.ppo, self.sampling.temperature, self.ppo.loss_agg_mode
+        L = self.sampling.max_new_tokens  # seq-mean-token-sum-norm's constant
+        local_units = agg_units(rollout.response_mask[mb_idx], mode)
         global_units = self.update_step.global_sum(local_units)
+        is_weights = cfg.rollout_is != "none"
         sums: dict[str, Tensor] = {}
 
         def micro_losses(rows: Tensor):
             mb = rollout.select(rows)
-            w = agg_weight(mb.response_mask, global_units, cfg.loss_agg_mode)
-            pg = vf = None
+            w = agg_weight(mb.response_mask, global_units, mode)
+            terms: dict[str, Tensor] = {}
             for out in self.model.training_passes(mb.batch, T):
                 loss = None
                 if out.logprobs is not None:
-                    pg = clipped_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.response_mask,
-                                             cfg.clip_eps, cfg.loss_agg_mode)
+                    pg = clipped_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.response_mask, cfg.eps_low,
+                                             mode, cfg.eps_high, cfg.dual_clip_c,
+                                             mb.is_weights if is_weights else None, L)
                     loss = pg.loss
+                    terms |= {"loss/policy_avg": pg.loss, "policy/approxkl_avg": pg.approx_kl,
+                              "policy/clipfrac_avg": pg.clipfrac, "val/ratio": pg.ratio_mean,
+                              "val/ratio_var": pg.ratio_var}
+                    if cfg.dual_clip_c is not None:
+                        terms["policy/dual_clipfrac_avg"] = pg.dual_clipfrac
+                    if cfg.kl_in == "loss":
+                        kl = kl_loss(out.logprobs, mb.ref_logprobs, mb.response_mask, cfg.kl_estimator, mode, L)
+                        loss = loss + self.kl_coef * kl
+                        terms["loss/kl_avg"] = kl
                 if out.values is not None:
                     vf = clipped_value_loss(out.values, mb.values, mb.returns, mb.response_mask, cfg.vf_clip_eps,
-                                            cfg.loss_agg_mode)
+                                            mode, L)
                     loss = cfg.vf_coef * vf.loss if loss is None else loss + cfg.vf_coef * vf.loss
+                    terms |= {"loss/value_avg": vf.loss, "val/clipfrac_avg": vf.clipfrac}
                 yield loss * w
             # Statistics: this rank's minibatch (the logger averages ranks).
-            w_stats = agg_weight(mb.response_mask, local_units, cfg.loss_agg_mode)
-            for k, v in (("loss/policy_avg", pg.loss), ("loss/value_avg", vf.loss),
-                         ("policy/approxkl_avg", pg.approx_kl), ("policy/clipfrac_avg", pg.clipfrac),
-                         ("val/clipfrac_avg", vf.clipfrac), ("val/ratio", pg.ratio_mean),
-                         ("val/ratio_var", pg.ratio_var)):
+            w_stats = agg_weight(mb.response_mask, local_units, mode)
+            for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() * w_stats
 
         sums["policy/grad_norm"] = self.update_step.step(mb_idx, micro_losses)
@@ -302,7 +376,8 @@ class PPOModule(PolicyStage):
     def _log_rollout(self, metrics: dict[str, float], batch: dict[str, Any], texts: list[str],
                      rollout: Rollout) -> None:
         metrics["lr"] = self.optimizers().param_groups[0]["lr"]
-        metrics["episode"] = float(self.rollouts_done * self.rollout_batch_size * self.trainer.world_size)
+        metrics["episode"] = float(self.rollouts_done * self.rollout_batch_size * self.ppo.samples_per_prompt
+                                   * self.trainer.world_size)
         metrics["rollout"] = float(self.rollouts_done)
         self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1,
                       batch_size=rollout.query_ids.shape[0])
@@ -322,3 +397,11 @@ class PPOModule(PolicyStage):
         if "score_moments" in state:
             self.score_moments.load_state_dict(state["score_moments"])
         self.rollouts_done = int(state.get("rollouts_done", 0))
+
+
+def repeat_prompts(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """Each prompt of the batch ``n`` times in a row (tensors and lists alike): the rows of a group."""
+    if n == 1:
+        return batch
+    return {k: v.repeat_interleave(n, 0) if isinstance(v, Tensor) else [x for x in v for _ in range(n)]
+            for k, v in batch.items()}

@@ -21,14 +21,33 @@ class PPOConfig:
     minibatch. Lower it to save memory: losses and gradients are the same. ``auto``: the largest
     divisor of the minibatch whose activations fit in 80% of the GPU's free memory, measured with
     one sequence at the first update (on the CPU: the whole minibatch)."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt (the group size n of GRPO/RLOO): a rollout holds
+    ``data.batch_size x n`` responses, and minibatches keep each prompt's responses together."""
     adv_estimator: str = "gae"
-    """Advantage estimator, by its registered name (``rlhf_lit/algos/advantages.py``): ``gae``
-    (generalised advantage estimation with the critic; Schulman et al. 2016)."""
+    """Advantage estimator, by its registered name (``rlhf_lit/algos/advantages.py``, verl's names):
+    ``gae`` (GAE with the critic; Schulman et al. 2016), ``grpo`` (group-normalised outcome; Shao et
+    al. 2024), ``rloo`` (leave-one-out baseline; Ahmadian et al. 2024), ``reinforce_plus_plus``
+    (KL-shaped token returns whitened over the batch; Hu 2025), ``reinforce_plus_plus_baseline``
+    (group mean subtracted, then whitened). All but ``gae`` need no critic: use
+    ``model.policy.critic: none``."""
+    norm_adv_by_std: bool = True
+    """``grpo``: divide by the group's std (off: Dr. GRPO, Liu et al. 2025)."""
     loss_agg_mode: LossAggMode = "token-mean"
     """How per-token losses become one number (``rlhf_lit/algos/aggregation.py``, verl's names):
-    ``token-mean`` (every token weighs the same)."""
+    ``token-mean`` (every token weighs the same; DAPO), ``seq-mean-token-mean`` (every response;
+    GRPO paper), ``seq-mean-token-sum``, ``seq-mean-token-sum-norm`` (sum / max_new_tokens; Dr. GRPO).
+    Exact under micro-batching and data parallelism in every mode."""
     clip_eps: float = 0.2
-    """Policy ratio clip epsilon."""
+    """Policy ratio clip epsilon (the lower one when ``clip_eps_high`` is set)."""
+    clip_eps_low: Optional[float] = None
+    """Lower clip range ``1 - eps_low``; None: ``clip_eps``."""
+    clip_eps_high: Optional[float] = None
+    """Upper clip range ``1 + eps_high``; None: ``clip_eps``. DAPO's clip-higher uses 0.28 with a
+    lower 0.2 (Yu et al. 2025)."""
+    dual_clip_c: Optional[float] = None
+    """Dual-clip bound ``c > 1`` on the loss of tokens with negative advantage (Ye et al. 2020);
+    None: off (verl uses 3.0)."""
     vf_clip_eps: float = 0.2
     """Value clip range around the old values."""
     vf_coef: float = 0.1
@@ -39,8 +58,13 @@ class PPOConfig:
     """GAE lambda."""
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty to the reference (initial value when adaptive)."""
+    kl_in: Literal["reward", "loss"] = "reward"
+    """Where the KL penalty acts: ``reward`` (``-beta * KL`` per token in the rewards; Ziegler et
+    al. 2019, PPO) or ``loss`` (``beta * agg(KL)`` added to the policy loss; GRPO)."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    """Per-token KL estimator in the reward: k1 = log p - log p_ref; k3 = (r - 1) - log r."""
+    """Per-token KL estimator (Schulman 2020): k1 = log p - log p_ref; k2 = (log r)^2 / 2;
+    k3 = (r - 1) - log r with r = p_ref / p. In the loss, k1's gradient is zero in expectation; k2's
+    estimates grad KL(p || p_ref); k3 (GRPO's) grad KL(p_ref || p) (``rlhf_lit/algos/losses.py``)."""
     adaptive_kl: bool = False
     """Adapt beta to reach kl_target (Ziegler et al. 2019)."""
     kl_target: float = 6.0
@@ -51,12 +75,34 @@ class PPOConfig:
     """Normalise advantages over the batch (always on in the literature)."""
     whiten_rewards: bool = False
     """Normalise per-token rewards over the batch (off: it tends to shorten responses)."""
-    normalize_scores: bool = False
-    """Divide scores by a running std and subtract a running mean (statistics kept in checkpoints)."""
+    normalize_scores: bool = True
+    """Subtract a running mean from the scores and divide by a running std, over every rank's
+    valid scores (statistics kept in checkpoints; OpenRLHF's reward normalisation): a reward whose
+    values differ by hundredths then learns as fast as one spread over [0, 1], and ``kl_coef`` is
+    in units of the reward's spread whatever its scale. Off: raw scores."""
     score_clip: Optional[float] = None
     """Clip (normalised) scores to [-score_clip, score_clip]."""
     missing_eos_penalty: Optional[float] = None
     """Subtracted from the score of responses that hit max_new_tokens without a stop token."""
+    overlong_buffer: Optional[int] = None
+    """DAPO's soft overlong punishment (Yu et al. 2025): responses longer than
+    ``max_new_tokens - overlong_buffer`` tokens lose up to ``overlong_penalty``, linearly in the
+    excess; None: off."""
+    overlong_penalty: float = 1.0
+    """The largest soft overlong penalty (reached at ``max_new_tokens``)."""
+    mask_truncated: bool = False
+    """Leave responses that hit ``max_new_tokens`` without a stop token out of the loss (DAPO's
+    overlong filtering)."""
+    filter_zero_signal_groups: bool = False
+    """Leave out of the update the groups whose scores are all equal (every group-relative
+    advantage is 0; DAPO's dynamic-sampling filter, without re-sampling); their fraction is logged
+    as ``objective/frac_reward_zero_std`` either way."""
+    rollout_is: Literal["none", "token", "sequence"] = "none"
+    """Truncated importance-sampling correction for the sampler not being the trained policy
+    (Yao et al. 2025): weight each token's policy loss by ``min(pi_old / pi_sampler, rollout_is_cap)``
+    per token or per sequence. The gap itself is logged every rollout (``rollout/logprob_gap_*``)."""
+    rollout_is_cap: float = 2.0
+    """Cap of the importance weights."""
     max_grad_norm: Optional[float] = 1.0
     """Clip gradients to this global norm (None: no clipping; the norm is logged either way)."""
     target_approx_kl: Optional[float] = None
@@ -65,3 +111,19 @@ class PPOConfig:
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.num_minibatches < 1:
             raise ValueError("model.ppo.ppo_epochs and model.ppo.num_minibatches must be >= 1")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"model.ppo.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+            raise ValueError(f"model.ppo.dual_clip_c must be > 1 (or null), got {self.dual_clip_c}")
+        if self.overlong_buffer is not None and self.overlong_buffer < 1:
+            raise ValueError(f"model.ppo.overlong_buffer must be >= 1 (or null), got {self.overlong_buffer}")
+        if self.rollout_is_cap <= 0:
+            raise ValueError(f"model.ppo.rollout_is_cap must be > 0, got {self.rollout_is_cap}")
+
+    @property
+    def eps_low(self) -> float:
+        return self.clip_eps if self.clip_eps_low is None else self.clip_eps_low
+
+    @property
+    def eps_high(self) -> float:
+        return self.clip_eps if self.clip_eps_high is None else self.clip_eps_high
