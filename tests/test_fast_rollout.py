@@ -142,6 +142,17 @@ def test_greedy_matches_hf_all_modes(lora, norm, fuse_qkv):
     assert_greedy_close(model, ids, mask, out, ref)
 
 
+def test_prefill_in_row_chunks_changes_nothing():
+    model = tiny_lm()
+    ids, mask = left_padded([5, 3, 7, 2, 6], P=8, vocab=128)
+    whole = StaticCudaGraphGenerate(use_cuda_graph=False, greedy=True, compute_logprobs=True, prefill_rows=64)
+    chunked = StaticCudaGraphGenerate(use_cuda_graph=False, greedy=True, compute_logprobs=True, prefill_rows=2)
+    a = whole.generate(model, ids, mask, sampling(R=10), [], PAD)
+    b = chunked.generate(model, ids, mask, sampling(R=10), [], PAD)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(whole.last_logprobs, chunked.last_logprobs, atol=1e-5, rtol=1e-5)
+
+
 def test_adapter_matters_and_disable_adapter_replans():
     model = tiny_lm("qwen2", lora_b_std=0.2)
     ids, mask = left_padded([8, 5], 8, 128)

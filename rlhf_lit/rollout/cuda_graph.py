@@ -417,6 +417,7 @@ class StaticCudaGraphGenerate(RolloutEngine):
         check_every: steps between host checks for "all rows finished".
         fuse_qkv: run q/k/v (plain Linear bases) as one GEMM; their parameters become views of
             one side-by-side buffer (no extra memory); RoPE then runs on q and k at once.
+        prefill_rows: prompts per chunk of the prompt pass (its activations scale with it).
     """
 
     def __init__(
@@ -431,13 +432,15 @@ class StaticCudaGraphGenerate(RolloutEngine):
         seed: Optional[int] = None,
         check_every: int = 8,
         fuse_qkv: bool = True,
+        prefill_rows: int = 64,
     ):
         if lora not in ("fused", "module"):
             raise ValueError(f"lora must be 'fused' or 'module', got {lora!r}")
         if norm not in ("fused", "exact"):
             raise ValueError(f"norm must be 'fused' or 'exact', got {norm!r}")
-        if prompt_bucket < 1 or check_every < 1:
-            raise ValueError("prompt_bucket and check_every must be >= 1")
+        if prompt_bucket < 1 or check_every < 1 or prefill_rows < 1:
+            raise ValueError("prompt_bucket, check_every and prefill_rows must be >= 1")
+        self.prefill_rows = prefill_rows
         self.prompt_bucket = prompt_bucket
         self.use_cuda_graph = use_cuda_graph
         self.lora_mode = lora
@@ -611,7 +614,31 @@ class StaticCudaGraphGenerate(RolloutEngine):
         L.down.add_into(x, m, L.d_grp.lora_a(m))
 
     def _prefill(self, plan: _Plan, st: _State, ids: Tensor, mask: Tensor, gen) -> None:
+        # Rows in chunks: at GRPO batch sizes (512 x 64 prompt tokens) the prompt's MLP activations of
+        # all rows at once would outweigh the KV cache; each chunk writes its own rows of the cache.
+        last = torch.cat([self._prefill_rows(plan, st, ids[r:r + self.prefill_rows], mask[r:r + self.prefill_rows], r)
+                          for r in range(0, ids.shape[0], self.prefill_rows)])
+        h = self._rms(last, plan.final_norm)
+        logits = plan.lm_head(h, plan.lm_grp.lora_a(h))
+        P = ids.shape[1]
+        # decode state: token 0 is sampled here, so the first fed token sits at column P
+        st.pmask.copy_(mask)
+        st.bias.fill_(st.neg)
+        st.bias[:, 0, 0, :P].masked_fill_(mask, 0.0)
+        st.pos.copy_(mask.long().sum(-1) - 1)
+        st.col.fill_(P - 1)
+        st.step.zero_()
+        st.finished.zero_()
+        st.lengths.zero_()
+        st.out.fill_(self._pad)
+        st.lp.zero_()
+        self._sample_and_advance(st, logits, gen)
+
+    def _prefill_rows(self, plan: _Plan, st: _State, ids: Tensor, mask: Tensor, row0: int) -> Tensor:
+        """The prompt pass of rows ``row0 : row0 + len(ids)``: fills their KV cache, returns their last
+        position's hidden state ``(b, hidden)``."""
         B, P = ids.shape
+        rows = slice(row0, row0 + B)
         nH, nKV, D = plan.n_heads, plan.n_kv, plan.head_dim
         dt = plan.dtype
         # per-row positions as HF: cumsum of the mask - 1 (padding gets 0; it is masked anyway)
@@ -637,8 +664,8 @@ class StaticCudaGraphGenerate(RolloutEngine):
             q = self._rope(q, cos, sin).transpose(1, 2)  # (B, nH, P, D)
             k = self._rope(k, cos, sin).transpose(1, 2)  # (B, nKV, P, D)
             v = v.transpose(1, 2)
-            st.k[i, :, :, :P].copy_(k)
-            st.v[i, :, :, :P].copy_(v)
+            st.k[i, rows, :, :P].copy_(k)
+            st.v[i, rows, :, :P].copy_(v)
             if plan.group > 1:
                 k = k[:, :, None].expand(B, nKV, plan.group, P, D).reshape(B, nH, P, D)
                 v = v[:, :, None].expand(B, nKV, plan.group, P, D).reshape(B, nH, P, D)
@@ -646,21 +673,7 @@ class StaticCudaGraphGenerate(RolloutEngine):
             o = o.transpose(1, 2).reshape(B * P, nH * D)
             L.o.add_into(x, o, L.o_grp.lora_a(o))
             self._mlp(L, x)
-        last = x.view(B, P, -1)[:, -1]
-        h = self._rms(last, plan.final_norm)
-        logits = plan.lm_head(h, plan.lm_grp.lora_a(h))
-        # decode state: token 0 is sampled here, so the first fed token sits at column P
-        st.pmask.copy_(mask)
-        st.bias.fill_(st.neg)
-        st.bias[:, 0, 0, :P].masked_fill_(mask, 0.0)
-        st.pos.copy_(mask.long().sum(-1) - 1)
-        st.col.fill_(P - 1)
-        st.step.zero_()
-        st.finished.zero_()
-        st.lengths.zero_()
-        st.out.fill_(self._pad)
-        st.lp.zero_()
-        self._sample_and_advance(st, logits, gen)
+        return x.view(B, P, -1)[:, -1]
 
     def _decode_step(self, plan: _Plan, st: _State, gen) -> None:
         B = st.B

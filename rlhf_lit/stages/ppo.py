@@ -139,7 +139,7 @@ class PPOModule(PolicyStage):
                 f"loss_agg_mode={cfg.loss_agg_mode}, kl_in={cfg.kl_in}, critic={self.policy_config.critic})")
 
     def eval_micro_batch(self, rows: int) -> int:
-        return self.update_step.micro_batch(rows)
+        return self.update_step.no_grad_micro_batch(rows)
 
     # ---------------------------------------------------------------------------------------
     # One iteration
@@ -184,7 +184,7 @@ class PPOModule(PolicyStage):
         t = self._clock()
         sampled = ResponseBatch(batch["input_ids"], batch["attention_mask"], responses.response_ids,
                                 responses.response_mask)
-        micro = self.update_step.micro_batch(sampled.query_ids.shape[0])
+        micro = self.update_step.no_grad_micro_batch(sampled.query_ids.shape[0])
         policy_out = self.model.evaluate(sampled, T, POLICY, micro, entropy=True)        # 3. evaluate
         ref_out = self.model.evaluate(sampled, T, REFERENCE, micro)
         timings["time/ref_values_s"] = self._clock() - t

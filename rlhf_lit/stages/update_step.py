@@ -86,6 +86,12 @@ class UpdateStep:
             micro = self.measured or self.minibatch_size
         return min(micro or rows, rows)
 
+    def no_grad_micro_batch(self, rows: int) -> int:
+        """Rows per forward without gradients (experience, evaluation): four training micro-batches,
+        at most ``rows``. Such a forward keeps no activations, so it fits where the training
+        micro-batch's forward + backward does, and larger GEMMs run closer to the card's peak."""
+        return min(rows, 4 * self.micro_batch(rows))
+
     @property
     def world_size(self) -> int:
         return self.module.trainer.world_size
