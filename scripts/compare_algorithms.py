@@ -30,9 +30,19 @@ ALGORITHMS = {  # name -> (extra config, prompts per rollout)
 }
 
 
+ROLLOUTS = 36  # 3 epochs x 12
+
+
 def run_one(name: str, seed: int, work: Path) -> dict:
     extra, prompts = ALGORITHMS[name]
     run_dir = work / f"{name.replace('+', 'p')}-seed{seed}"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and len(metrics.read_text().splitlines()) == ROLLOUTS:  # finished in an earlier call
+        return _collect(name, seed, run_dir)
+    if run_dir.exists():  # an interrupted run: start it again
+        import shutil
+
+        shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "rlhf_lit", "fit", "--config", str(ROOT / "configs" / "demo.yaml")]
     if extra:
         cmd += ["--config", str(ROOT / extra)]
@@ -44,10 +54,13 @@ def run_one(name: str, seed: int, work: Path) -> dict:
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{name} seed {seed} failed:\n{proc.stderr[-3000:]}")
+    return _collect(name, seed, run_dir)
+
+
+def _collect(name: str, seed: int, run_dir: Path) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {"algorithm": name, "seed": seed, "samples": [r["episode"] for r in rows],
-            "scores": [r["objective/scores"] for r in rows], "kl": [r["objective/kl"] for r in rows],
-            "distinct": None}
+            "scores": [r["objective/scores"] for r in rows], "kl": [r["objective/kl"] for r in rows]}
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -106,8 +119,10 @@ def main() -> int:
     ap.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     ap.add_argument("--parallel", type=int, default=1, help="runs at a time")
     ap.add_argument("--out", default="docs/results/algorithms_demo", help="prefix of the .json/.png/.md written")
+    ap.add_argument("--work", default="", help="run folder; finished runs found there are reused")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="rlhf_lit_compare-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="rlhf_lit_compare-"))
+    work.mkdir(parents=True, exist_ok=True)
     jobs = [(a, s) for a in args.algorithms for s in args.seeds]
     with ThreadPoolExecutor(args.parallel) as pool:
         runs = list(pool.map(lambda j: run_one(j[0], j[1], work), jobs))
