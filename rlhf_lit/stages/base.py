@@ -26,7 +26,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from rlhf_lit.model import POLICY, PolicyConfig, PolicyModel
-from rlhf_lit.paths import check_adapter_path, tokenizer_path
+from rlhf_lit.paths import check_adapter_path, check_model_path, tokenizer_path
 from rlhf_lit.run_logging import RunLog, run_dir
 from rlhf_lit.tokenizer import load_tokenizer, reconcile_special_tokens
 
@@ -64,6 +64,7 @@ class AdapterStage(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.output_dir = output_dir
         self.seed = seed
+        check_model_path(policy.base_model, revision=policy.revision)
         check_adapter_path(policy.sft_adapter, "sft_adapter")
         check_adapter_path(policy.policy_adapter, "policy_adapter")
         self.model: Optional[PolicyModel] = None
