@@ -123,7 +123,7 @@ def resolve_stop_tokens(tokenizer, tokens: Sequence[str], option: str = "model.e
             is recognised by its id, so it cannot also end a response).
     """
     vocab = tokenizer.get_vocab()
-    ids = {tokenizer.eos_token_id}
+    ids = {tokenizer.eos_token_id} - {None}
     for token in tokens:
         if not isinstance(token, str) or not token:
             raise ConfigError(f"{option}: {token!r} is not a token (expected a non-empty string)")
