@@ -179,6 +179,8 @@ def test_hf_generate_ignores_the_models_generation_config():
         torch.manual_seed(1)
         outs.append(HFGenerate().generate(model, ids, mask, sampling, [252], 250))
     assert torch.equal(outs[0], outs[1])
-    # the configured ones: temperature, and min_new_tokens (0 here: a minimum of the prompt's length)
-    assert {type(p).__name__ for p in seen[0]} <= {"TemperatureLogitsWarper", "MinLengthLogitsProcessor"}, seen[0]
+    # the configured ones: temperature, min_new_tokens (0 here: a minimum of the prompt's length) and
+    # the engine's recorder of sampler log-probs (it changes no score)
+    assert {type(p).__name__ for p in seen[0]} <= {"TemperatureLogitsWarper", "MinLengthLogitsProcessor",
+                                                   "_SamplerLogprobs"}, seen[0]
     assert shipped.generation_config.min_p == 0.2  # the model's own config is back afterwards
