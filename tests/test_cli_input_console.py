@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from helpers import DEMO, ROOT, fast_args, run_cli
 from rlhf_lit.errors import ConfigError, InputFileError, MissingPathError

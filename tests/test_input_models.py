@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TARGETS, build_tokenizer, fast_args, policy, run_cli, tiny_qwen2, write_adapter
+from helpers import TARGETS, build_tokenizer, fast_args, policy, run_cli, tiny_qwen2
 from rlhf_lit.errors import ConfigError, InputFileError, MissingPathError
 from rlhf_lit.paths import check_adapter_path, check_model_path
 
