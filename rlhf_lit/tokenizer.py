@@ -137,11 +137,12 @@ def resolve_stop_tokens(tokenizer, tokens: Sequence[str], option: str = "model.e
                          tokenizer.convert_ids_to_tokens(tid))
             else:
                 specials = ", ".join(repr(t) for t in list(dict.fromkeys(tokenizer.all_special_tokens))[:8])
+                which = f" ({tokenizer.name_or_path})" if tokenizer.name_or_path else ""
+                eos = f" (EOS {tokenizer.eos_token!r} ends responses already)" if tokenizer.eos_token else ""
                 raise ConfigError(
-                    f"{option}: {token!r} is not a token of this tokenizer ({tokenizer.name_or_path}); as text it is "
-                    f"{len(enc)} tokens {tokenizer.convert_ids_to_tokens(enc[:6])}. A stop token must be one token: "
-                    f"use a token of its vocabulary (special tokens: {specials}), or leave it out (EOS "
-                    f"{tokenizer.eos_token!r} ends responses already)"
+                    f"{option}: {token!r} is not a token of this tokenizer{which}; as text it is {len(enc)} tokens "
+                    f"{tokenizer.convert_ids_to_tokens(enc[:6])}. A stop token must be one token: use a token of its "
+                    f"vocabulary (special tokens: {specials}), or leave it out{eos}"
                 )
         if tid == tokenizer.pad_token_id:
             raise ConfigError(
