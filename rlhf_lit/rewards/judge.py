@@ -25,7 +25,6 @@ import threading
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import httpx
 import torch
 
 from rlhf_lit.errors import UserError
@@ -330,6 +329,11 @@ class LLMJudge(RewardBackend):
         """Judge every ``key -> (prompt, response)`` of ``todo`` into ``results``; under
         ``on_failure: raise`` the first failure cancels the rest. Cancelling this coroutine (Ctrl-C)
         cancels every request and retry at once; ``results`` keeps what finished before."""
+        # httpx is imported here, not at the top: importing it before Lightning makes typing's Union cache
+        # hand Lightning's Trainer Union[float, int] annotations, and jsonargparse then reads
+        # --trainer.limit_train_batches=1 as 1.0 (every batch) instead of one batch.
+        import httpx
+
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
         async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), limits=limits,
                                      follow_redirects=False) as client:

@@ -22,10 +22,12 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional, TypeVar
 
-import httpx
 import tenacity
+
+if TYPE_CHECKING:
+    import httpx
 
 T = TypeVar("T")
 
@@ -79,6 +81,8 @@ async def post_json(client: httpx.AsyncClient, url: str, payload: bytes, headers
         HTTPFailure: a timeout, a connection error, a redirect, an HTTP error status, or a body that
             is not a JSON object (``retryable`` says whether another attempt may help).
     """
+    import httpx
+
     try:
         resp = await client.post(url, content=payload, headers=headers)
     except httpx.TimeoutException:
