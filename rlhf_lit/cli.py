@@ -18,6 +18,8 @@ from typing import Optional
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from rlhf_lit.cli_checks import check_checkpoint_exists, check_config_files
+from rlhf_lit.console import console_callbacks
 from rlhf_lit.paths import tokenizer_path
 from rlhf_lit.stages.base import AdapterStage
 
@@ -76,8 +78,14 @@ class RLHFCLI(LightningCLI):
 
     def before_test(self) -> None:
         self._place_checkpoints()
+        check_checkpoint_exists(self.config_init[self.subcommand].get("ckpt_path"),
+                                [getattr(cb, "dirpath", None) for cb in self.trainer.checkpoint_callbacks], self.subcommand)
 
     before_validate = before_test
+
+    def _instantiate_trainer(self, config, callbacks):
+        # The console's progress bar and validation lines join the configured callbacks (console.py).
+        return super()._instantiate_trainer(config, [*callbacks, *console_callbacks(config)])
 
     def _place_checkpoints(self) -> None:
         # '--ckpt_path last' is resolved before the callbacks' setup, so the checkpoint folder must
@@ -96,9 +104,12 @@ def main(args: Optional[list[str]] = None) -> RLHFCLI:
     # The config dataclasses document each field in a docstring under it: make those the --help text.
     jsonargparse.set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
+    # Lightning's model summary counts no FLOPs here; console.py prints the trained parameters instead.
     kwargs = dict(save_config_callback=SaveRunConfig, auto_configure_optimizers=False,
-                  parser_kwargs={"prog": "python -m rlhf_lit"})
+                  trainer_defaults={"enable_model_summary": False},
+                  parser_kwargs={"prog": "python -m rlhf_lit", "allow_abbrev": False})
     argv = list(sys.argv[1:] if args is None else args)
+    check_config_files(argv)
     stage = requested_stage(argv)
     if stage is None:
         from rlhf_lit.data import PromptDataModule

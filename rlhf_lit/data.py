@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from rlhf_lit.chat import DEFAULT_SYSTEM_PROMPT
+from rlhf_lit.errors import ConfigError, InputFileError
+from rlhf_lit.text_files import iter_lines
 from rlhf_lit.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,18 +45,24 @@ class PromptRecord:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class PromptFileError(ValueError):
+class PromptFileError(InputFileError):
     """A prompt file that cannot be used; the message names the file and line."""
 
 
 def read_prompt_file(path: str | Path) -> list[PromptRecord]:
-    """Parse and validate a prompt JSONL file, failing on the first bad line with its number."""
+    """Parse and validate a prompt JSONL file (UTF-8; a BOM is accepted), failing on the first bad
+    line with its number.
+
+    Raises:
+        PromptFileError: naming the file and line: a missing file, bytes that are not UTF-8, a line
+            that is not a JSON object of the expected fields, a duplicate id, no prompts at all.
+    """
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file {str(path)!r} does not exist (expected a JSONL file of prompts)")
     records, seen = [], set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    try:
+        for lineno, line in iter_lines(path):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -67,6 +76,10 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
             if records[-1].id in seen:
                 raise PromptFileError(f"{where}: duplicate id {records[-1].id!r}")
             seen.add(records[-1].id)
+    except InputFileError as e:
+        if isinstance(e, PromptFileError):
+            raise
+        raise PromptFileError(str(e)) from None
     if not records:
         raise PromptFileError(f"prompt file {str(path)!r} holds no prompts")
     return records
@@ -176,9 +189,15 @@ class PromptDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size must be >= 1, got {eval_batch_size}")
+        if max_prompt_tokens < 1:
+            raise ConfigError(f"data.max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        if max_val_prompts is not None and max_val_prompts < 0:
+            raise ConfigError(f"data.max_val_prompts must be >= 0 or null, got {max_val_prompts}")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError("data.val_fraction and data.test_fraction must be in [0, 1) and sum to less than 1")
+            raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum to less than 1")
         self.prompt_file, self.val_file, self.test_file = prompt_file, val_file, test_file
         self.tokenizer_name = tokenizer
         self.system_prompt = system_prompt
@@ -228,15 +247,37 @@ class PromptDataModule(LightningDataModule):
                     f"the {split!r} split of {self.prompt_file!r} is empty: give records \"split\": \"{split}\", "
                     f"a {split}_file, or a {split}_fraction > 0"
                 )
-        if stage == "fit" and len(by_split["train"]) < self.batch_size:
-            raise PromptFileError(
-                f"{self.prompt_file!r} has {len(by_split['train'])} training prompts, fewer than "
-                f"data.batch_size={self.batch_size}: no full rollout batch can be formed"
-            )
         self.tokenizer = self.tokenizer or self.load_tokenizer()
         for split in needed:
             if by_split[split]:
                 self.splits[split] = TokenizedPrompts(self._tokenize(by_split[split], split))
+        if stage == "fit":
+            self._check_training_batches(len(by_split["train"]))
+
+    def _check_training_batches(self, read: int) -> None:
+        """At least one full rollout batch per data-parallel rank, counted after the long prompts
+        were dropped (Lightning's distributed sampler gives each rank ``ceil(n / ranks)`` prompts,
+        and the loader drops an incomplete last batch).
+
+        Raises:
+            PromptFileError: naming the counts, so a run that could do no rollout never loads a model.
+        """
+        trainer = getattr(self, "trainer", None)
+        ranks = trainer.world_size if trainer is not None else 1
+        n = len(self.splits["train"])
+        per_rank = math.ceil(n / ranks)
+        if per_rank >= self.batch_size:
+            return
+        dropped = read - n
+        counts = f"{read} training prompts" + (
+            f", {dropped} of them over data.max_prompt_tokens={self.max_prompt_tokens} and dropped, {n} left" if dropped
+            else "")
+        ranks_text = f" ({per_rank} for each of {ranks} data-parallel ranks)" if ranks > 1 else ""
+        raise PromptFileError(
+            f"{self.prompt_file}: {counts}{ranks_text}, fewer than data.batch_size={self.batch_size}: no rollout batch "
+            f"can be formed, so fit would train nothing. Lower data.batch_size"
+            + (", raise data.max_prompt_tokens" if dropped else "") + " or give more training prompts"
+        )
 
     def load_tokenizer(self):
         return load_tokenizer(self.tokenizer_name, revision=self.revision, trust_remote_code=self.trust_remote_code,
@@ -263,7 +304,8 @@ class PromptDataModule(LightningDataModule):
             log.warning("dropped %d %s prompts over %d tokens (first: %s)", len(dropped), split,
                         self.max_prompt_tokens, dropped[:3])
         if not items:
-            raise PromptFileError(f"every {split} prompt is over data.max_prompt_tokens={self.max_prompt_tokens}")
+            raise PromptFileError(f"all {len(records)} {split} prompts of {self.prompt_file} are over "
+                                  f"data.max_prompt_tokens={self.max_prompt_tokens}")
         return items
 
     # ---------------------------------------------------------------------------------------

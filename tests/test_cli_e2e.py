@@ -11,7 +11,9 @@ from helpers import DEMO, fast_args, run_cli
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The rollout lines of metrics.jsonl (validation lines hold only ``validation/*`` scalars)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m for m in lines if "objective/kl" in m]
 
 
 @pytest.fixture(scope="module")

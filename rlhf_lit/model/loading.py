@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -18,7 +19,8 @@ import torch
 from torch import nn
 
 from rlhf_lit.model.config import CRITIC, POLICY, REFERENCE, PolicyConfig
-from rlhf_lit.paths import check_adapter_path, resolve_model_path
+from rlhf_lit.errors import ConfigError
+from rlhf_lit.paths import check_adapter_path, check_model_path, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +166,7 @@ def load_peft_model(config: PolicyConfig, device: torch.device):
     """
     from peft import LoraConfig, get_peft_model
 
+    check_model_path(config.base_model, revision=config.revision)
     check_adapter_path(config.sft_adapter, "sft_adapter")
     check_adapter_path(config.policy_adapter, "policy_adapter")
     base = load_base(config, device)
@@ -203,18 +206,86 @@ def load_peft_model(config: PolicyConfig, device: torch.device):
 
 
 def _load_adapter(model, base, config: PolicyConfig, option: str, name: str, trainable: bool):
-    """Load the adapter named by ``config.<option>`` as ``name`` (onto ``model``, or wrap ``base``)."""
+    """Load the adapter named by ``config.<option>`` as ``name`` (onto ``model``, or wrap ``base``),
+    then check that its LoRA weights and the base's modules match one to one.
+
+    Raises:
+        ConfigError: naming the option, the adapter and the base model: peft could not load it, or
+            (:func:`check_adapter_fits`) some of its weights have no module in the base or some of
+            the modules it adapts got no weights.
+    """
     from peft import PeftModel
 
-    path = resolve_model_path(getattr(config, option))
+    value = getattr(config, option)
+    path = resolve_model_path(value)
     try:
         if model is None:
-            return PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=trainable)
-        model.load_adapter(path, adapter_name=name, is_trainable=trainable)
-        return model
-    except (OSError, ValueError, RuntimeError) as e:
-        raise type(e)(f"model.policy.{option}={getattr(config, option)!r} could not be loaded on "
-                      f"base_model={config.base_model!r} (an adapter for another base model?): {e}") from e
+            model = PeftModel.from_pretrained(base, path, adapter_name=name, is_trainable=trainable)
+        else:
+            model.load_adapter(path, adapter_name=name, is_trainable=trainable)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ConfigError(f"model.policy.{option}={value!r} could not be loaded on base_model={config.base_model!r} "
+                          f"(an adapter for another base model?): {type(e).__name__}: {e}") from e
+    check_adapter_fits(model, name, path, f"model.policy.{option}={value!r}", config.base_model)
+    return model
+
+
+def _saved_lora_keys(adapter_dir: str) -> Optional[set[str]]:
+    """Names of the LoRA tensors an adapter folder holds (from the file header), or None for a Hub id."""
+    folder = Path(adapter_dir).expanduser()
+    st, binary = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    if st.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(st), framework="pt") as f:
+            keys = set(f.keys())
+    elif binary.is_file():
+        keys = set(torch.load(binary, map_location="meta", weights_only=True))
+    else:
+        return None
+    return {k for k in keys if "lora_" in k}
+
+
+def _as_loaded(saved_key: str, adapter: str) -> str:
+    """peft's renaming of a saved LoRA key to the loaded parameter of ``adapter``:
+    ``...q_proj.lora_A.weight`` -> ``...q_proj.lora_A.<adapter>.weight``."""
+    head, sep, tail = saved_key.partition("lora_")
+    kind, dot, rest = tail.partition(".")
+    return f"{head}{sep}{kind}.{adapter}" + (f".{rest}" if dot else "")
+
+
+def check_adapter_fits(model, adapter: str, path: str, where: str, base_model: str) -> None:
+    """Every LoRA tensor the adapter folder holds found its module in the base, and every module
+    peft wrapped for it got its tensors. peft skips the first kind silently (a LoRA of a 4-layer
+    model of the same width "loads" on a 2-layer base) and leaves the second at its initialisation.
+
+    Raises:
+        ConfigError: naming the adapter, the base it was saved for and the configured base.
+    """
+    saved = _saved_lora_keys(path)
+    if saved is None:
+        return
+    params = {n for n, _ in model.named_parameters() if ".lora_" in n and f".{adapter}." in n}
+    params |= {n for n, _ in model.named_buffers() if ".lora_" in n and f".{adapter}." in n}
+    loaded = {_as_loaded(k, adapter): k for k in saved}
+    unexpected = sorted(v for k, v in loaded.items() if k not in params)
+    missing = sorted(p for p in params if p not in loaded)
+    if not unexpected and not missing:
+        return
+    try:
+        recorded = json.loads((Path(path).expanduser() / "adapter_config.json").read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        recorded = {}
+    parts = []
+    if unexpected:
+        parts.append(f"{len(unexpected)} of its {len(saved)} LoRA tensors have no module in the base (e.g. {unexpected[0]!r})")
+    if missing:
+        parts.append(f"{len(missing)} LoRA weights of the modules it targets are not in it (e.g. {missing[0]!r})")
+    raise ConfigError(
+        f"{where} does not fit base_model={base_model!r}: {'; '.join(parts)}. The adapter was saved for "
+        f"{recorded.get('base_model_name_or_path')!r} (target_modules {recorded.get('target_modules')}); train "
+        f"or choose an adapter of the configured base, or set model.policy.base_model to the adapter's"
+    )
 
 
 def disable_dropout(model: nn.Module) -> None:

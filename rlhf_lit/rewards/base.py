@@ -8,11 +8,18 @@ by ``class_path`` in YAML.
 from __future__ import annotations
 
 import math
+import numbers
 from abc import ABC, abstractmethod
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from rlhf_lit.errors import UserError
+
+
+class RewardValueError(UserError, ValueError):
+    """A reward backend returned something other than one real number per sample."""
 
 
 class RewardOutput(NamedTuple):
@@ -88,7 +95,7 @@ class RewardBackend(ABC):
                 f"reward backend {self.name!r}: got {len(prompts)} prompts but {len(responses)} responses"
             )
         raw = self.score(prompts, responses)
-        out = _as_output(raw, len(responses), self.name)
+        out = _as_output(raw, responses, self.name, f"reward backend {self.name!r} ({type(self).__name__}.score)")
         bad = out.valid & ~torch.isfinite(out.scores)
         if bad.any():
             i = int(bad.nonzero()[0])
@@ -109,16 +116,53 @@ class RewardBackend(ABC):
         return x
 
 
-def _as_output(raw: RawScores, n: int, name: str) -> RewardOutput:
+EXPECTED = ("one real number per sample: a list of floats, a (B,) tensor or array, or a RewardOutput "
+            "(valid=False marks a sample that could not be scored)")
+
+
+def _numbers(value, what: str, responses: Sequence[str], who: str, dtype: torch.dtype) -> Tensor:
+    """``value`` as a flat tensor of ``dtype``, or an error naming the backend, the first bad sample
+    and what was expected."""
+    if isinstance(value, Tensor):
+        if value.dtype.is_complex or (dtype == torch.float32 and value.dtype == torch.bool and what == "scores"):
+            raise RewardValueError(f"{who} returned {what} of dtype {value.dtype}; expected {EXPECTED}")
+        return value.detach().to("cpu", dtype).reshape(-1)
+    if isinstance(value, (str, bytes, dict)) or value is None or not hasattr(value, "__len__"):
+        raise RewardValueError(f"{who} returned {type(value).__name__} {str(value)[:80]!r} as {what}; expected {EXPECTED}")
+    items = list(value)
+    for i, v in enumerate(items):
+        # Python and numpy numbers, and one-element tensors/arrays.
+        ok = isinstance(v, numbers.Real) or (hasattr(v, "item") and getattr(v, "size", None) in (1, None)
+                                             and not isinstance(v, (str, bytes)))
+        if isinstance(v, Tensor):
+            ok = v.numel() == 1 and not v.dtype.is_complex
+        if not ok:
+            sample = f" (response {responses[i][:80]!r})" if i < len(responses) else ""
+            raise RewardValueError(f"{who} returned {type(v).__name__} {str(v)[:80]!r} as {what}[{i}] for sample {i}"
+                                   f"{sample}; expected {EXPECTED}")
+    return torch.as_tensor([float(v) for v in items], dtype=dtype).reshape(-1) if dtype != torch.bool else \
+        torch.as_tensor([bool(v) for v in items], dtype=torch.bool).reshape(-1)
+
+
+def _as_output(raw: RawScores, responses: Sequence[str], name: str, who: str) -> RewardOutput:
+    """The backend's return value as a checked :class:`RewardOutput` of ``len(responses)`` samples.
+
+    Raises:
+        RewardValueError: naming the backend (``who``), the first bad sample and what was expected.
+    """
+    n = len(responses)
     if isinstance(raw, RewardOutput):
-        scores = torch.as_tensor(raw.scores, dtype=torch.float32).detach().cpu().reshape(-1)
-        valid = torch.as_tensor(raw.valid, dtype=torch.bool).cpu().reshape(-1)
-        components = dict(raw.components) or {name: scores.clone()}
+        scores = _numbers(raw.scores, "scores", responses, who, torch.float32)
+        valid = _numbers(raw.valid, "valid", responses, who, torch.bool)
+        components = {k: _numbers(v, f"components[{k!r}]", responses, who, torch.float32)
+                      for k, v in dict(raw.components).items()} or {name: scores.clone()}
         metrics = dict(raw.metrics)
     else:
-        scores = torch.as_tensor(raw, dtype=torch.float32).detach().cpu().reshape(-1)
+        scores = _numbers(raw, "scores", responses, who, torch.float32)
         valid = torch.ones(scores.shape, dtype=torch.bool)
         components, metrics = {name: scores.clone()}, {}
-    if scores.numel() != n or valid.numel() != n:
-        raise ValueError(f"reward backend {name!r} returned {scores.numel()} scores for {n} samples")
+    for what, t in [("scores", scores), ("valid", valid), *((f"components[{k!r}]", v) for k, v in components.items())]:
+        if t.numel() != n:
+            raise RewardValueError(f"{who} returned {t.numel()} {what} for {n} samples; expected {EXPECTED}")
     return RewardOutput(torch.where(valid, scores, 0.0), valid, components, metrics)
+

@@ -10,6 +10,8 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
+from rlhf_lit.tokenizer import reconcile_special_tokens
+
 from .base import RewardBackend, RewardOutput
 from .offload import HostOffload
 
@@ -212,6 +214,7 @@ class Detoxify(RewardBackend):
                 f"Detoxify: the checkpoint's state_dict does not match {args['model_name']}: "
                 f"{len(missing)} weights missing (e.g. {missing[:3]}); they would be random"
             )
+        reconcile_special_tokens(tokenizer, model.config, f"Detoxify ({self.checkpoint or self.model_type})")
         class_names = [_RENAMES.get(c, c) for c in loaded["config"]["dataset"]["args"]["classes"]]
         del loaded, state_dict
         unknown = [a for a in self.weights if a not in class_names]

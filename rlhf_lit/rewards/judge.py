@@ -1,9 +1,10 @@
 """LLM judge of engagement behind an OpenAI-compatible HTTP server: :class:`LLMJudge`, and
 :class:`JudgeError` for a sample it could not score.
 
-This file is the client: request bodies, the thread pool, retries with backoff, redirects refused
-(the API key never leaves for another host), and the answer cache (in memory and optionally a JSONL
-file). What the judge is asked and how an answer becomes a score (the templates, the ``parse``
+This file is the backend: request bodies, the API key, the answer cache (in memory and optionally a
+JSONL file) and scoring. The HTTP (httpx's async client, tenacity's retries with backoff, redirects
+refused so the API key never leaves for another host, prompt cancellation on Ctrl-C) is in
+``judge_http.py``. What the judge is asked and how an answer becomes a score (the templates, the ``parse``
 JSON reading and the ``logprobs`` G-Eval expectation) are in ``judge_prompts.py``, shared with the
 in-process :class:`~rlhf_lit.rewards.LocalJudge` (``local_judge.py``).
 
@@ -13,63 +14,31 @@ disinformation a lot (arXiv 2510.06105). Log samples so you see what is being re
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-import http.client
 import json
 import logging
 import math
 import os
-import random
 import re
-import socket
 import threading
-import time
-import urllib.error
-import urllib.request
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
 
+from rlhf_lit.errors import UserError
+
 from .base import RewardBackend, RewardOutput
+from .judge_http import HTTPFailure, Outcome, post_json, run_cancellable, with_retries
 from .judge_prompts import (DEFAULT_BUCKET_TEMPLATE, DEFAULT_PARSE_TEMPLATE, DEFAULT_SYSTEM_PROMPT, bucket_expectation,
                             bucket_probs_from_logprobs, check_template, parse_engagement, render_template)
 
 log = logging.getLogger(__name__)
 
 
-class JudgeError(RuntimeError):
+class JudgeError(UserError, RuntimeError):
     """A judge could not score a sample (after retries, where retrying made sense)."""
-
-
-class _Failure(Exception):
-    def __init__(
-        self,
-        message: str,
-        status: Optional[int] = None,
-        retryable: bool = False,
-        retry_after: Optional[float] = None,
-        timeout: bool = False,
-    ):
-        super().__init__(message)
-        self.timeout = timeout
-        self.status = status
-        self.retryable = retryable
-        self.retry_after = retry_after
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # Following a redirect would re-send the Authorization header to wherever it points.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        raise _Failure(f"the server redirected (HTTP {code}) to {newurl}; set base_url to the final address", status=code)
-
-
-def _retry_after(value: Optional[str]) -> Optional[float]:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 class LLMJudge(RewardBackend):
@@ -78,8 +47,8 @@ class LLMJudge(RewardBackend):
 
     ``mode: parse`` asks for ``{"replies": int, "likes": int}`` and scores
     ``w_replies * log1p(replies) + w_likes * log1p(likes)``; ``mode: logprobs`` asks for a bucket 1..K
-    with ``logprobs: true`` and scores ``sum_k p(k) * k`` (G-Eval). Requests run in a thread pool
-    (``concurrency``), are retried with exponential backoff and jitter on timeouts, connection errors,
+    with ``logprobs: true`` and scores ``sum_k p(k) * k`` (G-Eval). Requests run concurrently
+    (``concurrency`` in flight; ``judge_http.py``), are retried with exponential backoff and jitter on timeouts, connection errors,
     HTTP 408/429 and 5xx (never on other 4xx), and answers are cached per (prompt, response) and judge
     settings (model, mode, template, sampling), optionally in a JSONL file that persists across runs.
     Metrics per call: ``judge/failures``, ``judge/retries``, ``judge/latency_s`` (mean over the HTTP
@@ -220,14 +189,13 @@ class LLMJudge(RewardBackend):
         return DEFAULT_SYSTEM_PROMPT if self.system_prompt is None else self.system_prompt
 
     def _init_runtime(self) -> None:
-        # Runtime state, rebuilt after unpickling (locks and openers do not pickle).
+        # Runtime state, rebuilt after unpickling (locks do not pickle).
         self._lock = threading.Lock()
         self._memory: dict[str, dict] = {}
         self._cache_loaded = False
-        self._opener = urllib.request.build_opener(_NoRedirect)
 
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_memory", "_cache_loaded", "_opener")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_lock", "_memory", "_cache_loaded")}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -310,48 +278,20 @@ class LLMJudge(RewardBackend):
             )
         return key
 
-    def _post(self, payload: bytes) -> dict:
+    def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         key = self._api_key()
         if key:
             headers["Authorization"] = "Bearer " + key
-        req = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
-        try:
-            with self._opener.open(req, timeout=self.timeout_s) as resp:
-                raw = resp.read()
-        except _Failure:
-            raise
-        except urllib.error.HTTPError as e:
-            try:
-                detail = e.read(300).decode("utf-8", "replace").strip()
-            except Exception:
-                detail = ""
-            retryable = e.code in (408, 429) or e.code >= 500
-            msg = f"HTTP {e.code} {e.reason}" + (f": {detail}" if detail else "")
-            raise _Failure(msg, e.code, retryable, _retry_after(e.headers.get("Retry-After") if e.headers else None))
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise _Failure(f"timed out after {self.timeout_s:g} s", retryable=True, timeout=True)
-            raise _Failure(f"connection failed: {e.reason}", retryable=True)
-        except (TimeoutError, socket.timeout):
-            raise _Failure(f"timed out after {self.timeout_s:g} s", retryable=True, timeout=True)
-        except (ConnectionError, http.client.HTTPException, OSError) as e:
-            raise _Failure(f"connection failed: {type(e).__name__}: {e}", retryable=True)
-        try:
-            data = json.loads(raw)
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-            return data
-        except ValueError:
-            snippet = raw[:200].decode("utf-8", "replace")
-            raise _Failure(f"the response body is not a JSON object: {snippet!r}", status=200)
+        return headers
 
     def _interpret(self, data: dict) -> dict:
         try:
             choice = data["choices"][0]
             content = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise _Failure(f"unexpected response shape (no choices[0].message): {json.dumps(data)[:200]}", status=200)
+            raise HTTPFailure(f"unexpected response shape (no choices[0].message): {json.dumps(data)[:200]}",
+                              status=200) from None
         try:
             if self.mode == "parse":
                 replies, likes = parse_engagement(content)
@@ -359,42 +299,58 @@ class LLMJudge(RewardBackend):
             expected, probs = bucket_expectation(bucket_probs_from_logprobs(choice, self.num_buckets))
             return {"expected": expected, "probs": {str(k): v for k, v in probs.items()}}
         except ValueError as e:
-            raise _Failure(f"malformed judge answer ({e}): {content[:200]!r}", status=200)
+            raise HTTPFailure(f"malformed judge answer ({e}): {content[:200]!r}", status=200) from None
 
-    def _judge_one(self, prompt: str, response: str) -> tuple[Optional[dict], Optional[str], int, list[float]]:
-        """One sample: ``(value or None, error message or None, retries, latencies)``."""
+    async def _judge_one(self, client, limit: asyncio.Semaphore, prompt: str, response: str) -> Outcome:
+        """One sample, with retries; holds one of the ``concurrency`` slots per attempt, not while
+        it sleeps before a retry."""
         payload = json.dumps(self.request_body(prompt, response)).encode("utf-8")
-        retries, latencies = 0, []
-        last: Optional[_Failure] = None
-        attempts = 0
-        for attempt in range(self.max_retries + 1):
-            attempts += 1
-            t0 = time.perf_counter()
-            try:
-                data = self._post(payload)
-                latencies.append(time.perf_counter() - t0)
-                return self._interpret(data), None, retries, latencies
-            except _Failure as e:
-                last = e
-                if not e.retryable or attempt == self.max_retries:
-                    break
-                delay = min(self.backoff_max_s, self.backoff_s * 2**attempt)
-                delay = delay / 2 + random.uniform(0, delay / 2)
-                if e.retry_after is not None:
-                    delay = max(delay, min(e.retry_after, self.backoff_max_s))
-                retries += 1
-                time.sleep(delay)
-        assert last is not None
+        headers = self._headers()
+
+        async def attempt() -> dict:
+            async with limit:
+                data = await post_json(client, self.url, payload, headers, self.timeout_s)
+            return self._interpret(data)
+
+        return await with_retries(attempt, self.max_retries, self.backoff_s, self.backoff_max_s)
+
+    def _failure_message(self, outcome: Outcome) -> str:
+        last = outcome.failure
         status = "none (no HTTP response)" if last.status is None else str(last.status)
-        msg = (
-            f"LLMJudge {self.name!r}: POST {self.url} failed after {attempts} attempt(s); last status: {status}; "
-            f"last error: {last}"
-        )
+        msg = (f"LLMJudge {self.name!r}: POST {self.url} failed after {outcome.attempts} attempt(s); last status: "
+               f"{status}; last error: {last}")
         if last.timeout:
             msg += " (raise timeout_s if the judge is only slow)"
         elif last.status is None:
             msg += f" (is the judge server running at {self.base_url}?)"
-        return None, msg, retries, latencies
+        return msg
+
+    async def _judge_all(self, todo: dict[str, tuple[str, str]], results: dict[str, Outcome]) -> None:
+        """Judge every ``key -> (prompt, response)`` of ``todo`` into ``results``; under
+        ``on_failure: raise`` the first failure cancels the rest. Cancelling this coroutine (Ctrl-C)
+        cancels every request and retry at once; ``results`` keeps what finished before."""
+        # httpx is imported here, not at the top: importing it before Lightning makes typing's Union cache
+        # hand Lightning's Trainer Union[float, int] annotations, and jsonargparse then reads
+        # --trainer.limit_train_batches=1 as 1.0 (every batch) instead of one batch.
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s), limits=limits,
+                                     follow_redirects=False) as client:
+            limit = asyncio.Semaphore(self.concurrency)
+            tasks = {asyncio.ensure_future(self._judge_one(client, limit, p, r)): key for key, (p, r) in todo.items()}
+            pending = set(tasks)
+            try:
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        results[tasks[task]] = task.result()
+                    if self.on_failure == "raise" and any(o.failure for o in results.values()):
+                        break
+            finally:
+                for task in pending:
+                    task.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
 
     # ------------------------------------------------------------------ scoring
     def _value_to_score(self, value: dict) -> tuple[float, dict[str, float]]:
@@ -426,34 +382,23 @@ class LLMJudge(RewardBackend):
 
         errors: dict[str, str] = {}
         retries, latencies = 0, []
-        new_entries: list[tuple[str, dict]] = []
         if todo:
-            pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(todo)), thread_name_prefix="llm-judge")
+            results: dict[str, Outcome] = {}
             try:
-                futures = {pool.submit(self._judge_one, p, r): key for key, (p, r) in todo.items()}
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        value, err, n_retries, lat = fut.result()
-                        key = futures[fut]
-                        retries += n_retries
-                        latencies += lat
-                        if value is not None:
-                            values[key] = value
-                            new_entries.append((key, value))
-                        else:
-                            errors[key] = err
-                    if errors and self.on_failure == "raise":
-                        for fut in pending:
-                            fut.cancel()
-                        break
-            finally:
-                pool.shutdown(wait=self.on_failure != "raise" or not errors, cancel_futures=True)
+                run_cancellable(lambda: self._judge_all(todo, results))
+            finally:  # also on Ctrl-C: the answers that came back are kept
+                new_entries = [(k, o.value) for k, o in results.items() if o.failure is None]
                 if self.cache and new_entries:
                     with self._lock:
                         self._memory.update(new_entries)
                         self._append_cache_file(new_entries)
+            for key, outcome in results.items():
+                retries += outcome.retries
+                latencies += outcome.latencies
+                if outcome.failure is None:
+                    values[key] = outcome.value
+                else:
+                    errors[key] = self._failure_message(outcome)
         if errors and self.on_failure == "raise":
             first = next(iter(errors.values()))
             more = f" ({len(errors)} samples failed)" if len(errors) > 1 else ""

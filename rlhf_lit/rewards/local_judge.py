@@ -8,6 +8,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from rlhf_lit.tokenizer import reconcile_special_tokens
+
 from .base import RewardBackend, RewardOutput
 from .judge_prompts import DEFAULT_BUCKET_TEMPLATE, DEFAULT_SYSTEM_PROMPT, check_template, render_template
 
@@ -124,6 +126,7 @@ class LocalJudge(RewardBackend):
             if tok.eos_token_id is None:
                 raise ValueError(f"LocalJudge {self.name!r}: the tokenizer in {str(folder)!r} has neither a pad nor an eos token")
             tok.pad_token = tok.eos_token
+        reconcile_special_tokens(tok, model.config, f"LocalJudge {self.name!r} ({str(folder)!r})")
         digit_ids = []
         for k in range(1, self.num_buckets + 1):
             ids = set()

@@ -9,6 +9,8 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
+from rlhf_lit.tokenizer import reconcile_special_tokens
+
 from .base import RewardBackend, RewardOutput
 from .offload import HostOffload
 
@@ -149,8 +151,8 @@ class RewardModel(RewardBackend):
             if tok.eos_token_id is None:
                 raise ValueError(f"RewardModel {self.name!r}: the tokenizer in {str(folder)!r} has neither a pad nor an eos token")
             tok.pad_token = tok.eos_token
-        if getattr(model.config, "pad_token_id", None) is None:
-            model.config.pad_token_id = tok.pad_token_id  # causal-LM classifiers find the last token with it
+        # Causal-LM classifiers find each row's last token by config.pad_token_id: it must be the tokenizer's.
+        reconcile_special_tokens(tok, model.config, f"RewardModel {self.name!r} ({str(folder)!r})")
         tok.truncation_side = self.truncation_side
         device = torch.device(self.device_option) if self.device_option else self.device
         if self.offload and device.type == "cuda":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -42,12 +43,35 @@ class _SamplerLogprobs(LogitsProcessor):
         return lp[:, : new_tokens.shape[1]]
 
 
+@contextlib.contextmanager
+def without_model_generation_defaults(model) -> Iterator[None]:
+    """Run the block with the model's own ``generation_config`` replaced by an empty one.
+
+    transformers fills every field a passed ``GenerationConfig`` leaves unset (``min_p``,
+    ``typical_p``, ``no_repeat_ngram_size``, ``suppress_tokens``, ...) from the model's
+    ``generation_config`` (``GenerationMixin._prepare_generation_config``), so a checkpoint that
+    ships such defaults would sample from a distribution other than the one PPO's log-probs (and
+    the recorded sampler log-probs) describe. With an empty one, only what the engine sets acts.
+    """
+    from transformers import GenerationConfig
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = hf.generation_config
+    hf.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
+
+
 class HFGenerate(RolloutEngine):
     """transformers' ``generate`` with a dynamic KV cache: works everywhere (CPU included).
 
-    A generation config is built from scratch so a model's shipped defaults (Qwen2.5 ships
-    ``repetition_penalty=1.05, top_k=20, top_p=0.8``) never change the sampling distribution. The
-    log-probs each token was sampled with are recorded (:attr:`last_sampler_logprobs`).
+    Only the configured sampling acts: temperature, top-k, top-p and the lengths of
+    ``model.sampling``, nothing of the model's own ``generation_config`` (Qwen2.5 ships
+    ``repetition_penalty=1.05, top_k=20, top_p=0.8``; others ``min_p``, ``no_repeat_ngram_size``...;
+    :func:`without_model_generation_defaults`). The log-probs each token was sampled with are
+    recorded (:attr:`last_sampler_logprobs`).
     """
 
     def __init__(self) -> None:
@@ -73,8 +97,9 @@ class HFGenerate(RolloutEngine):
             repetition_penalty=1.0,
         )
         recorder = _SamplerLogprobs(sampling.temperature, sampling.top_k, sampling.top_p)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                             logits_processor=LogitsProcessorList([recorder]))
+        with without_model_generation_defaults(model):
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
+                                 logits_processor=LogitsProcessorList([recorder]))
         tokens = out[:, input_ids.shape[1]:]
         stopped = torch.isin(tokens, torch.as_tensor(list(stop_token_ids), device=tokens.device))
         after_stop = (stopped.cumsum(-1) - stopped.long()) > 0  # PAD after each row's first stop

@@ -26,9 +26,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from rlhf_lit.model import POLICY, PolicyConfig, PolicyModel
-from rlhf_lit.paths import check_adapter_path, tokenizer_path
+from rlhf_lit.paths import check_adapter_path, check_model_path, tokenizer_path
 from rlhf_lit.run_logging import RunLog, run_dir
-from rlhf_lit.tokenizer import load_tokenizer
+from rlhf_lit.tokenizer import load_tokenizer, reconcile_special_tokens
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class AdapterStage(LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, lr_scheduler
         self.output_dir = output_dir
         self.seed = seed
+        check_model_path(policy.base_model, revision=policy.revision)
         check_adapter_path(policy.sft_adapter, "sft_adapter")
         check_adapter_path(policy.policy_adapter, "policy_adapter")
         self.model: Optional[PolicyModel] = None
@@ -80,12 +81,13 @@ class AdapterStage(LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         cfg = self.policy_config
         self.tokenizer = self._load_tokenizer()
+        self.check_tokenizer(self.tokenizer)  # token-level options, before the model loads
         self.model = PolicyModel(cfg, device)
-        rows = self.model.peft.get_base_model().get_input_embeddings().weight.shape[0]
-        if len(self.tokenizer) > rows:  # sampled ids past the table would fail deep inside a CUDA kernel
-            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's embedding "
-                             f"{rows} rows (base_model={cfg.base_model!r}, sft_adapter={cfg.sft_adapter!r}): an adapter "
-                             f"trained with added tokens must carry its embeddings and ship its tokenizer")
+        hf = self.model.peft.get_base_model()
+        # Sampled ids past the table would fail deep inside a CUDA kernel; special tokens must agree.
+        reconcile_special_tokens(self.tokenizer, hf.config, f"model.policy (base_model={cfg.base_model!r}, sft_adapter="
+                                 f"{cfg.sft_adapter!r})", hf.get_input_embeddings().weight.shape[0],
+                                 "an adapter trained with added tokens must carry its embeddings and ship its tokenizer")
         self.setup_components(device)
 
     def _load_tokenizer(self):
@@ -98,6 +100,10 @@ class AdapterStage(LightningModule):
         cfg = self.policy_config
         return load_tokenizer(tokenizer_path(cfg.base_model, cfg.sft_adapter), revision=cfg.revision,
                               trust_remote_code=cfg.trust_remote_code)
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Resolve and check the stage's token-level options against the tokenizer (before the model
+        loads); raise ``rlhf_lit.errors.ConfigError`` naming the option."""
 
     def setup_components(self, device: torch.device) -> None:
         """What a stage needs besides the model (reward backends, a rollout engine); once."""

@@ -19,10 +19,12 @@ from rlhf_lit.algos.masked import masked_mean
 from rlhf_lit.algos.responses import TruncatedResponse, truncate_after_stop
 from rlhf_lit.algos.rollout_batch import ResponseBatch
 from rlhf_lit.evaluation import TestEvaluator, check_eval_rewards
+from rlhf_lit.evaluation.stats import distinct_n
 from rlhf_lit.model import POLICY, REFERENCE, PolicyConfig
 from rlhf_lit.rewards.base import RewardBackend
 from rlhf_lit.rollout import RolloutEngine, SamplingConfig, make_engine
 from rlhf_lit.stages.base import AdapterStage, default_optimizer
+from rlhf_lit.tokenizer import resolve_stop_tokens
 
 
 class PolicyStage(AdapterStage):
@@ -41,7 +43,8 @@ class PolicyStage(AdapterStage):
         eval_samples_per_prompt: Responses sampled per test prompt and adapter.
         eval_rewards: Extra reward backends that only score test samples (each ``class_path``/``init_args``,
             distinct ``name``s), reported beside the configured reward; never used for training.
-        extra_stop_tokens: Tokens that end a response besides the tokenizer's EOS.
+        extra_stop_tokens: Tokens that end a response besides the tokenizer's EOS, by name (``<|im_end|>``)
+            or as the text of one token (``"\n\n"``); checked at startup. Not the PAD token.
         seed: Seed of sampling (each data-parallel rank adds its rank).
     """
 
@@ -73,6 +76,7 @@ class PolicyStage(AdapterStage):
         self.eval_rewards = check_eval_rewards(eval_rewards)
         self.extra_stop_tokens = list(extra_stop_tokens or [])
         self.engine: Optional[RolloutEngine] = None
+        self._stop_token_ids: Optional[list[int]] = None
 
     def setup_components(self, device: torch.device) -> None:
         self.reward.setup(device)
@@ -80,10 +84,15 @@ class PolicyStage(AdapterStage):
             backend.setup(device)
         self.engine = make_engine(self.rollout_engine_name, device)
 
+    def check_tokenizer(self, tokenizer) -> None:
+        self._stop_token_ids = resolve_stop_tokens(tokenizer, self.extra_stop_tokens)
+
     @property
     def stop_token_ids(self) -> list[int]:
-        ids = [self.tokenizer.eos_token_id] + self.tokenizer.convert_tokens_to_ids(self.extra_stop_tokens)
-        return sorted(set(ids))
+        """EOS and ``extra_stop_tokens`` as ids (resolved once, at setup: :func:`resolve_stop_tokens`)."""
+        if getattr(self, "_stop_token_ids", None) is None:
+            self._stop_token_ids = resolve_stop_tokens(self.tokenizer, self.extra_stop_tokens)
+        return self._stop_token_ids
 
     def eval_micro_batch(self, rows: int) -> int:
         """Rows per no-grad forward when scoring ``rows`` samples (the training micro-batch)."""
@@ -155,6 +164,15 @@ class PolicyStage(AdapterStage):
         self.log("validation/score", masked_mean(r["scores"], r["valid"]), batch_size=n, sync_dist=sync)
         self.log("validation/kl", r["kl"].mean(), batch_size=n, sync_dist=sync)
         self.log("validation/length", r["length"].mean(), batch_size=n, sync_dist=sync)
+        self.log("validation/distinct_2", distinct_n(r["texts"], 2), batch_size=n, sync_dist=sync)
+
+    def on_validation_end(self) -> None:
+        # metrics.jsonl gets the validation scalars TensorBoard gets (Lightning's epoch means).
+        if getattr(self, "_run_log", None) is None or self.trainer.sanity_checking:
+            return
+        values = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("validation/")}
+        if values:
+            self._run_log.append_metrics(getattr(self, "rollouts_done", self.global_step), values)
 
     def on_test_epoch_start(self) -> None:
         # Metrics and report: rlhf_lit/evaluation (torchmetrics states, synced across ranks).

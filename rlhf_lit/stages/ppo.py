@@ -39,6 +39,7 @@ from rlhf_lit.algos.reward_shaping import (
 )
 from rlhf_lit.algos.rollout_batch import ResponseBatch, Rollout
 from rlhf_lit.algos.rollout_metrics import rollout_metrics
+from rlhf_lit.evaluation.stats import distinct_n
 from rlhf_lit.model import POLICY, REFERENCE, PolicyConfig, ResponseOutput
 from rlhf_lit.rewards.base import RewardBackend, RewardOutput
 from rlhf_lit.rollout import SamplingConfig
@@ -70,8 +71,9 @@ class PPOModule(PolicyStage):
         eval_samples_per_prompt: Responses sampled per test prompt and adapter.
         eval_rewards: Extra reward backends that only score test samples (each ``class_path``/``init_args``,
             distinct ``name``s), reported beside the configured reward; never used for training.
-        extra_stop_tokens: Tokens that end a response besides the tokenizer's EOS (e.g. ``<|endoftext|>``
-            for a base model).
+        extra_stop_tokens: Tokens that end a response besides the tokenizer's EOS, by name (``<|im_end|>``)
+            or as the text of one token (``"\n\n"``); checked at startup. Not the PAD token (Qwen2.5-Instruct's
+            ``<|endoftext|>``).
         seed: Seed of rollout sampling (each data-parallel rank adds its rank).
     """
 
@@ -156,6 +158,7 @@ class PPOModule(PolicyStage):
         if self.device.type == "cuda":
             metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._adapt_kl_coef(metrics["objective/kl"], rollout)
+        metrics["lr"] = self.optimizers().param_groups[0]["lr"]  # the lr this update used: read before stepping
         sch = self.lr_schedulers()
         if sch is not None:
             sch.step()
@@ -375,7 +378,7 @@ class PPOModule(PolicyStage):
 
     def _log_rollout(self, metrics: dict[str, float], batch: dict[str, Any], texts: list[str],
                      rollout: Rollout) -> None:
-        metrics["lr"] = self.optimizers().param_groups[0]["lr"]
+        metrics["response/distinct_2"] = distinct_n(texts, 2)  # falls when the policy collapses onto a template
         metrics["episode"] = float(self.rollouts_done * self.rollout_batch_size * self.ppo.samples_per_prompt
                                    * self.trainer.world_size)
         metrics["rollout"] = float(self.rollouts_done)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
@@ -109,16 +110,40 @@ class PPOConfig:
     """Stop this rollout's remaining PPO epochs once a minibatch's approx KL exceeds it."""
 
     def __post_init__(self) -> None:
-        if self.ppo_epochs < 1 or self.num_minibatches < 1:
-            raise ValueError("model.ppo.ppo_epochs and model.ppo.num_minibatches must be >= 1")
-        if self.samples_per_prompt < 1:
-            raise ValueError(f"model.ppo.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
-        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
-            raise ValueError(f"model.ppo.dual_clip_c must be > 1 (or null), got {self.dual_clip_c}")
-        if self.overlong_buffer is not None and self.overlong_buffer < 1:
-            raise ValueError(f"model.ppo.overlong_buffer must be >= 1 (or null), got {self.overlong_buffer}")
-        if self.rollout_is_cap <= 0:
-            raise ValueError(f"model.ppo.rollout_is_cap must be > 0, got {self.rollout_is_cap}")
+        from rlhf_lit.errors import ConfigError
+
+        def need(ok: bool, field: str, expected: str, why: str = "") -> None:
+            if not ok:
+                value = getattr(self, field)
+                raise ConfigError(f"model.ppo.{field}={value!r}: expected {expected}" + (f" ({why})" if why else ""))
+
+        need(self.ppo_epochs >= 1, "ppo_epochs", "an integer >= 1")
+        need(self.num_minibatches >= 1, "num_minibatches", "an integer >= 1")
+        need(self.samples_per_prompt >= 1, "samples_per_prompt", "an integer >= 1")
+        need(self.clip_eps > 0, "clip_eps", "a number > 0")
+        need(self.clip_eps_low is None or self.clip_eps_low > 0, "clip_eps_low", "null or a number > 0")
+        need(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "null or a number > 0")
+        need(self.dual_clip_c is None or self.dual_clip_c > 1, "dual_clip_c", "null or a number > 1")
+        need(self.vf_clip_eps > 0, "vf_clip_eps", "a number > 0")
+        need(self.vf_coef >= 0, "vf_coef", "a number >= 0", "a negative weight would maximise the value error")
+        need(0 <= self.gamma <= 1, "gamma", "a number in [0, 1]")
+        need(0 <= self.lam <= 1, "lam", "a number in [0, 1]")
+        need(self.kl_coef >= 0, "kl_coef", "a number >= 0",
+             "beta weighs a penalty: a negative one rewards moving away from the reference")
+        need(self.kl_target > 0, "kl_target", "a number > 0")
+        need(self.kl_horizon >= 1, "kl_horizon", "an integer >= 1")
+        need(self.score_clip is None or self.score_clip > 0, "score_clip", "null or a number > 0")
+        need(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0, "missing_eos_penalty",
+             "null or a number >= 0", "it is subtracted from the score: a negative one would reward never stopping")
+        need(self.overlong_buffer is None or self.overlong_buffer >= 1, "overlong_buffer", "null or an integer >= 1")
+        need(self.overlong_penalty >= 0, "overlong_penalty", "a number >= 0",
+             "it is subtracted from the score: a negative one would reward overlong responses")
+        need(self.rollout_is_cap > 0, "rollout_is_cap", "a number > 0")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "null or a number > 0")
+        need(self.target_approx_kl is None or self.target_approx_kl > 0, "target_approx_kl", "null or a number > 0")
+        for name in ("clip_eps", "vf_clip_eps", "vf_coef", "gamma", "lam", "kl_coef", "kl_target", "overlong_penalty",
+                     "rollout_is_cap"):
+            need(math.isfinite(getattr(self, name)), name, "a finite number")
 
     @property
     def eps_low(self) -> float:
