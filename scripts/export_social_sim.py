@@ -5,8 +5,9 @@
 """
 
 import argparse
+import sys
 
-from rlhf_lit.export import SOCIAL_SIM_TEMPLATE, export_for_social_sim
+from rlhf_lit.export import SOCIAL_SIM_TEMPLATE, export_for_social_sim, join_dash_values
 
 
 def main(argv=None) -> None:
@@ -16,7 +17,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cluster", type=int, required=True, help="persona cluster id i")
     ap.add_argument("--template", default=SOCIAL_SIM_TEMPLATE, help="social-sim's lora_name_template")
     ap.add_argument("--suffix", default="", help="appended to the folder name, e.g. -rlhf-tox")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
     path = export_for_social_sim(args.adapter_dir, args.loras_path, args.cluster, args.template, args.suffix)
     print(f"wrote {path}")
 
