@@ -107,6 +107,11 @@ class PPOConfig:
     """Clip gradients to this global norm (None: no clipping; the norm is logged either way)."""
     target_approx_kl: Optional[float] = None
     """Stop this rollout's remaining PPO epochs once a minibatch's approx KL exceeds it."""
+    max_unscored_rollouts: Optional[int] = 3
+    """Stop the run with an error after this many consecutive rollouts in which no sample was
+    scored (every reward invalid: a judge outage under ``on_failure: skip``, a backend that marks
+    all samples invalid). Such a rollout makes no update and logs ``objective/scores`` as NaN;
+    None never stops."""
 
     def __post_init__(self) -> None:
         if self.ppo_epochs < 1 or self.num_minibatches < 1:
@@ -119,6 +124,8 @@ class PPOConfig:
             raise ValueError(f"model.ppo.overlong_buffer must be >= 1 (or null), got {self.overlong_buffer}")
         if self.rollout_is_cap <= 0:
             raise ValueError(f"model.ppo.rollout_is_cap must be > 0, got {self.rollout_is_cap}")
+        if self.max_unscored_rollouts is not None and self.max_unscored_rollouts < 1:
+            raise ValueError(f"model.ppo.max_unscored_rollouts must be >= 1 or null, got {self.max_unscored_rollouts}")
 
     @property
     def eps_low(self) -> float:
