@@ -11,7 +11,8 @@ read by other users and tools.
 
 Standard library only, so the scripts under ``scripts/`` import it without loading torch.
 Replacing a whole folder (an exported adapter, the demo assets) is a different operation; see
-``rlhf_lit/export.py`` and ``rlhf_lit/demo_assets.py``.
+``rlhf_lit/export.py`` and ``rlhf_lit/demo_assets.py``; :func:`apply_umask` gives such a folder
+the permissions of ordinary files.
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ def _create_temp(path: Path) -> tuple[int, Path]:
 
 
 @contextlib.contextmanager
-def _replacing(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file handle whose content replaces ``path`` when the block ends without error."""
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file handle whose content replaces ``path`` when the block ends without error
+    (the recipe of the module docstring; missing parent folders are created).
+
+    For writers that stream into a handle (``torch.save``, ``savefig``). If the block or the
+    write raises (``OSError`` of a full disk included), the temporary file is removed, ``path``
+    keeps its old content and the error propagates."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _create_temp(path)
@@ -55,6 +61,52 @@ def _replacing(path: str | os.PathLike) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename into it) to disk; best effort: a file system or OS
+    that cannot open or sync a folder (Windows) is skipped."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux's
+    ``/proc/self/status``); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions a plain
+    ``open``/``mkdir`` would: ``0o666`` / ``0o777`` less the umask. Folders made with
+    :func:`tempfile.mkdtemp` (``0o700``) and files copied from private ones become what the
+    user's umask says, so that e.g. a serving process under another user can read an adapter."""
+    mask = current_umask()
+    path = Path(path)
+    items = [path] + (list(path.rglob("*")) if path.is_dir() else [])
+    for p in items:
+        if p.is_symlink():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -62,7 +114,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
 
     Missing parent folders are created. Raises the ``OSError`` of the failing step (no temporary
     file is left behind)."""
-    with _replacing(path) as fh:
+    with atomic_writer(path) as fh:
         fh.write(data)
 
 
@@ -77,9 +129,10 @@ def write_jsonl_atomic(records: Iterable[dict], path: str | os.PathLike) -> None
     """Replace ``path`` by JSONL: one ``json.dumps(record, ensure_ascii=False)`` line per record,
     UTF-8, ``\\n`` line ends. ``records`` is consumed while writing (a generator is fine); if it or
     ``json.dumps`` raises, the old file stays and the error propagates."""
-    with _replacing(path) as fh:
+    with atomic_writer(path) as fh:
         for r in records:
             fh.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-__all__ = ["write_bytes_atomic", "write_jsonl_atomic", "write_text_atomic"]
+__all__ = ["apply_umask", "atomic_writer", "current_umask", "fsync_folder", "write_bytes_atomic", "write_jsonl_atomic",
+           "write_text_atomic"]

@@ -1,8 +1,10 @@
-"""Checkpoint every N PPO rollouts.
+"""Checkpoint every N PPO rollouts, and where a run stops.
 
 Under manual optimization Lightning's ``global_step`` counts optimizer steps — ``ppo_epochs x
-num_minibatches`` per rollout, fewer when the epochs stop early on ``target_approx_kl`` — so
-``every_n_train_steps`` would drift. This callback counts rollouts (training batches) instead.
+num_minibatches`` per rollout, fewer when the epochs stop early on ``target_approx_kl``, none when
+no sample was scored — so ``every_n_train_steps`` would drift. This callback counts rollouts
+(training batches) instead, and also saves the rollout a run stops at mid-epoch (``max_rollouts``,
+``max_steps``), so that ``--ckpt_path last`` continues from there.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ class RolloutCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = getattr(pl_module, "rollouts_done", batch_idx + 1)
-        if self.every_n_rollouts < 1 or n % self.every_n_rollouts or self._should_skip_saving_checkpoint(trainer):
+        # A run that stops here (max_rollouts, max_steps, an early stop) keeps a checkpoint of this
+        # rollout: saved at the epoch's end instead, it would resume into the next epoch and skip
+        # the rest of this one.
+        stopping = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+        due = self.every_n_rollouts >= 1 and n % self.every_n_rollouts == 0
+        # Rollouts count, not optimizer steps: a rollout without a scored sample makes no step.
+        if not (due or stopping) or self._should_skip_saving_checkpoint_ignoring_step(trainer):
             return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)

@@ -1,4 +1,4 @@
-"""``python -m rlhf_lit {fit,validate,test}``: LightningCLI wired for the training stages.
+"""``python -m rlhf_lit {fit,validate,test,predict,export}``: LightningCLI wired for the training stages.
 
 A config (or the command line) that names no ``model.class_path`` is a PPO run, configured as
 ``model: {policy: ..., ppo: ...}`` with the prompts of ``data: {...}``: the CLI is built for
@@ -17,10 +17,15 @@ from typing import Optional
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from rlhf_lit.checkpoint_io import AtomicCheckpointIO, DamagedCheckpointError, check_checkpoint
 from rlhf_lit.cli_checks import check_checkpoint_exists, check_config_files
 from rlhf_lit.console import console_callbacks
+from rlhf_lit.interrupts import InterruptHandling
 from rlhf_lit.paths import tokenizer_path
+from rlhf_lit.rollout_limit import MaxRollouts
+from rlhf_lit.run_folder import RunFolderGuard, check_start, run_folder, summary
 from rlhf_lit.stages.base import AdapterStage
 
 DEFAULT_DATA = "rlhf_lit.data.PromptDataModule"
@@ -28,9 +33,20 @@ DEFAULT_DATA = "rlhf_lit.data.PromptDataModule"
 
 class SaveRunConfig(SaveConfigCallback):
     """Saves the resolved config beside the logs; a resumed run or a later ``test`` adds
-    ``config.<stage>N.yaml`` instead of failing on (or overwriting) the first run's ``config.yaml``."""
+    ``config.<stage>N.yaml`` instead of failing on (or overwriting) the first run's ``config.yaml``.
+
+    It is written once the run starts (checkpoint restored, settings given on resume checked), so
+    a run refused at start leaves no config of a run that never ran."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._stage = stage
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, self._stage)
+
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
+
+    def _save(self, trainer, pl_module, stage: str) -> None:
         # trainer.log_dir is a collective (a broadcast): read it once on every rank, and let rank 0
         # alone choose the file name, or ranks racing on the file's existence deadlock.
         log_dir = trainer.log_dir
@@ -48,9 +64,15 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 class RLHFCLI(LightningCLI):
-    """LightningCLI with the default stage and the links between the stage and its data."""
+    """LightningCLI with the default stage and the links between the stage and its data, and
+    the run folder's life around each command (:mod:`rlhf_lit.run_folder`)."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--max_rollouts", type=Optional[int], default=None,
+                            help="fit: stop after this many rollouts (PPO iterations) in total, counting those of "
+                                 "the run a resume continues. (trainer.max_steps counts optimizer steps: "
+                                 "ppo_epochs x num_minibatches per rollout.)")
+        _describe_max_steps(parser)
         model, data = "model.", "data."
         if self.subclass_mode_model:
             parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
@@ -65,23 +87,59 @@ class RLHFCLI(LightningCLI):
         parser.link_arguments(f"{data}batch_size", f"{model}rollout_batch_size")
 
     def before_fit(self) -> None:
-        self._place_checkpoints()
-        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        for cb in self.trainer.checkpoint_callbacks:
-            last = Path(cb.dirpath) / "last.ckpt" if cb.dirpath else None
-            if ckpt_path is None and last is not None and last.exists():
-                raise SystemExit(
-                    f"error: {last} exists: this run folder already holds a run. Resume it with "
-                    f"'--ckpt_path last', or start a new run in another folder "
-                    f"(--trainer.logger.init_args.save_dir=...)."
-                )
+        self._start("fit")
+        max_rollouts = self.config_init[self.subcommand].get("max_rollouts")
+        if max_rollouts is not None:
+            self._add_callback(MaxRollouts(max_rollouts))
+        run = run_folder(self.trainer)
+        if run is not None and self.trainer.is_global_zero:  # one process per run folder
+            self._guard = RunFolderGuard(run)
+            self._guard.acquire()
+            self._add_callback(self._guard)
 
     def before_test(self) -> None:
-        self._place_checkpoints()
+        self._start(self.subcommand)
         check_checkpoint_exists(self.config_init[self.subcommand].get("ckpt_path"),
                                 [getattr(cb, "dirpath", None) for cb in self.trainer.checkpoint_callbacks], self.subcommand)
 
-    before_validate = before_test
+    before_validate = before_predict = before_test
+
+    def after_fit(self) -> None:
+        if getattr(self, "_guard", None) is not None:
+            self._guard.release()
+        self._summarise()
+
+    def _summarise(self) -> None:
+        if self.trainer.is_global_zero:
+            print(summary(self.trainer, self.model, self.subcommand), flush=True)
+
+    after_test = after_validate = after_predict = _summarise
+
+    def _start(self, subcommand: str) -> None:
+        """Before any model loads: checkpoint folder, checks, atomic checkpoints, Ctrl-C handling."""
+        self._place_checkpoints()
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        check_start(self.trainer, subcommand, ckpt_path, getattr(self.model, "output_dir", None))
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        self._add_callback(InterruptHandling())
+
+    def _add_callback(self, callback) -> None:
+        # Before the checkpoint callbacks, which Lightning keeps last.
+        cbs = self.trainer.callbacks
+        first_ckpt = next((i for i, cb in enumerate(cbs) if cb in self.trainer.checkpoint_callbacks), len(cbs))
+        cbs.insert(first_ckpt, callback)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads an explicit --ckpt_path file before anything else: name a damaged one clearly.
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            try:
+                check_checkpoint(ckpt_path)
+            except DamagedCheckpointError as e:
+                raise SystemExit(f"error: {e}") from None
+        super()._parse_ckpt_path()
 
     def _instantiate_trainer(self, config, callbacks):
         # The console's progress bar and validation lines join the configured callbacks (console.py).
@@ -95,8 +153,30 @@ class RLHFCLI(LightningCLI):
                 cb.dirpath = os.path.join(self.trainer.log_dir, "checkpoints")
 
 
+def _describe_max_steps(parser) -> None:
+    """Say in ``--help`` what ``trainer.max_steps`` counts here (Lightning's text is generic)."""
+    for action in parser._actions:
+        if action.dest == "trainer.max_steps":
+            action.help = ("Stop after this many optimizer steps. A PPO rollout makes ppo_epochs x num_minibatches "
+                           "of them (e.g. 8 in configs/demo.yaml), fewer when target_approx_kl stops its epochs "
+                           "early; to say N rollouts use --max_rollouts N. (Default: -1, no limit)")
+
+
 def main(args: Optional[list[str]] = None) -> RLHFCLI:
+    """The command line: ``fit``/``validate``/``test``/``predict`` (LightningCLI) and ``export``
+    (:mod:`rlhf_lit.export`). ``args`` None reads ``sys.argv`` as the program (and installs the
+    Ctrl-C handling of :mod:`rlhf_lit.interrupts`); a list runs in process (tests)."""
     import jsonargparse
+
+    if args is None:
+        from rlhf_lit.interrupts import install
+
+        install()
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "export":
+        from rlhf_lit.export import main as export_main
+
+        return export_main(argv[1:])
 
     import rlhf_lit.rewards  # noqa: F401  (registers the reward backends' short class names)
     import rlhf_lit.stages  # noqa: F401  (and the stages': --model PPOModule)
@@ -108,7 +188,6 @@ def main(args: Optional[list[str]] = None) -> RLHFCLI:
     kwargs = dict(save_config_callback=SaveRunConfig, auto_configure_optimizers=False,
                   trainer_defaults={"enable_model_summary": False},
                   parser_kwargs={"prog": "python -m rlhf_lit", "allow_abbrev": False})
-    argv = list(sys.argv[1:] if args is None else args)
     check_config_files(argv)
     stage = requested_stage(argv)
     if stage is None:

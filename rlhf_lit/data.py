@@ -332,3 +332,6 @@ class PromptDataModule(LightningDataModule):
 
     def test_dataloader(self):
         return self._eval_loader("test")
+
+    def predict_dataloader(self):
+        return self._eval_loader("test")  # predict answers the test prompts (setup("predict") reads them)

@@ -30,7 +30,8 @@ The build takes about a minute on 2 CPU cores and is cached under ``cache_dir``,
 ``$RLHF_LIT_CACHE`` or ``~/.cache/rlhf_lit``, in a folder named after :data:`RECIPE_VERSION`
 (bump it whenever anything below changes the output). It is atomic (built in a temp folder
 beside the cache entry, then ``os.rename``-d into place) and safe under concurrent callers
-(an ``fcntl`` lock where available; otherwise the loser of the rename discards its copy).
+(a ``filelock`` lock, under which a waiting process says what it waits for; should two builds
+still race, the loser of the rename discards its copy).
 """
 
 from __future__ import annotations
@@ -520,20 +521,36 @@ def _assets(path: Path) -> DemoAssets:
     return DemoAssets(path / "base", path / "sft_adapter")
 
 
+#: Seconds between "still waiting" lines while another process builds the assets.
+WAIT_REPORT_S = 30.0
+
+
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[bool]:
-    """An exclusive ``flock`` on ``path``; yields whether a lock is actually held."""
+def _file_lock(path: Path, building: Path) -> Iterator[bool]:
+    """An exclusive lock on ``path`` (``filelock``: ``flock`` on POSIX); yields True once held.
+
+    A process that finds it held says so (another process is building ``building``) and every
+    :data:`WAIT_REPORT_S` seconds how long it has waited, instead of waiting in silence."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path, thread_local=False)
     try:
-        import fcntl
-    except ImportError:  # not POSIX: rely on build-then-rename alone
-        yield False
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        lock.acquire(timeout=0)
+    except Timeout:
+        _announce(f"rlhf_lit: another process is building the demo model into {building}; waiting for it "
+                  f"(~{EST_BUILD_S} s; lock {path})")
+        t0 = time.monotonic()
+        while True:
+            try:
+                lock.acquire(timeout=WAIT_REPORT_S)
+                break
+            except Timeout:
+                _announce(f"rlhf_lit: still waiting for the demo model build of another process "
+                          f"({time.monotonic() - t0:.0f} s so far; lock {path})")
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -563,7 +580,7 @@ def ensure_demo_assets(cache_dir: str | os.PathLike | None = None) -> DemoAssets
     if _complete(final):
         return _assets(final)
     root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f".{RECIPE_VERSION}.lock") as locked:
+    with _file_lock(root / f".{RECIPE_VERSION}.lock", final) as locked:
         if _complete(final):  # another process built it while we waited
             return _assets(final)
         if locked:  # no one else is building: anything left here is a dead builder's or damaged

@@ -1,23 +1,91 @@
-"""Export the trained policy adapter as a plain PEFT LoRA folder, atomically.
+"""Export the trained policy adapter as a plain PEFT LoRA folder, atomically; from a live model
+or from a checkpoint.
 
 The folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` and loads with
 ``PeftModel.from_pretrained(base, folder)``, social-sim's ``model.load_adapter(folder, name)`` and
-vLLM's LoRA support. It is written to a temporary folder beside the target and renamed into place,
-so an interrupted export never leaves a half-written adapter.
+vLLM's LoRA support. It is written to a temporary folder beside the target (files flushed and
+``fsync``-ed) and renamed into place, so an interrupted export never leaves a half-written
+adapter; it gets the permissions of the user's umask (not ``mkdtemp``'s private ``0o700``), so a
+serving process under another user can read it.
+
+A checkpoint holds the policy adapter's weights and (since this version) its exported
+``adapter_config.json``: :func:`export_checkpoint` turns it into the same folder without loading
+any model, from the command line as
+
+    python -m rlhf_lit export outputs/demo/checkpoints/last.ckpt --out my_adapter
+    python -m rlhf_lit export outputs/c13 --loras-path /path/to/social-sim/loras --cluster 13 --suffix -rlhf-tox
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
+
+from rlhf_lit.atomic_files import apply_umask, fsync_folder
 
 log = logging.getLogger(__name__)
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+CONFIG_KEY = "policy_adapter_config"  # the checkpoint's rlhf_lit entry holding the exported config (JSON text)
+
+
+def plain_config(config: dict[str, Any], base_model: Optional[str], plain_lora: bool = True) -> dict[str, Any]:
+    """The exported form of a PEFT adapter config: for inference, ``base_model_name_or_path`` set
+    (``builtin:`` names resolved to their folder) and, for ``plain_lora``, no ``modules_to_save``."""
+    from rlhf_lit.paths import resolve_model_path
+
+    config = dict(config)
+    if base_model is not None:
+        config["base_model_name_or_path"] = resolve_model_path(base_model)
+    config["inference_mode"] = True
+    if isinstance(config.get("target_modules"), list):  # a set in peft: any order
+        config["target_modules"] = sorted(config["target_modules"])
+    if plain_lora:
+        config["modules_to_save"] = None
+    return config
+
+
+def adapter_config_json(peft_model, adapter_name: str, base_model: Optional[str] = None) -> str:
+    """The ``adapter_config.json`` text :func:`export_adapter` writes for ``adapter_name``, without
+    writing anything (what checkpoints carry for :func:`export_checkpoint`)."""
+    config = peft_model.peft_config[adapter_name].to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}  # as peft's own JSON
+    return json.dumps(plain_config(json.loads(json.dumps(config, default=str)), base_model), indent=2,
+                      sort_keys=True)
+
+
+def write_adapter_folder(out_dir: str | Path, config: dict[str, Any], tensors: dict[str, Any]) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (``tensors``: name -> tensor)
+    as the folder ``out_dir``, replacing any previous one atomically (see the module docstring).
+
+    Raises:
+        OSError: the folder beside ``out_dir`` is not writable (nothing is left behind).
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, new / WEIGHTS, metadata={"format": "pt"})
+        (new / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
+        for name in (CONFIG, WEIGHTS):
+            with open(new / name, "rb+") as f:
+                os.fsync(f.fileno())
+        apply_umask(new)
+        _swap_into_place(new, out_dir)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    fsync_folder(out_dir.parent)
+    return out_dir
 
 
 def export_adapter(peft_model, adapter_name: str, out_dir: str | Path, base_model: Optional[str] = None,
@@ -30,9 +98,7 @@ def export_adapter(peft_model, adapter_name: str, out_dir: str | Path, base_mode
         plain_lora: drop ``modules_to_save`` copies (e.g. extra-vocabulary embeddings), which vLLM
             and social-sim's loaders reject; only LoRA matrices remain.
     """
-    from safetensors.torch import load_file, save_file
-
-    from rlhf_lit.paths import resolve_model_path
+    from safetensors.torch import load_file
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -40,25 +106,79 @@ def export_adapter(peft_model, adapter_name: str, out_dir: str | Path, base_mode
     try:
         peft_model.save_pretrained(tmp, selected_adapters=[adapter_name], safe_serialization=True)
         src = tmp / adapter_name if (tmp / adapter_name / CONFIG).is_file() else tmp
-        config = json.loads((src / CONFIG).read_text())
-        if base_model is not None:
-            config["base_model_name_or_path"] = resolve_model_path(base_model)
-        config["inference_mode"] = True
+        config = plain_config(json.loads((src / CONFIG).read_text()), base_model, plain_lora)
+        tensors = load_file(src / WEIGHTS)
         if plain_lora:
-            tensors = load_file(src / WEIGHTS)
             dropped = [k for k in tensors if "lora_" not in k]
             if dropped:
                 log.warning("exporting plain LoRA: dropped %d non-LoRA tensors (e.g. %s)", len(dropped), dropped[0])
-                save_file({k: v for k, v in tensors.items() if "lora_" in k}, src / WEIGHTS, metadata={"format": "pt"})
-            config["modules_to_save"] = None
-        (src / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        final = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
-        for name in (CONFIG, WEIGHTS):
-            shutil.copy2(src / name, final / name)
-        _swap_into_place(final, out_dir)
+            tensors = {k: v for k, v in tensors.items() if "lora_" in k}
+        write_adapter_folder(out_dir, config, tensors)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def checkpoint_adapter(checkpoint: dict[str, Any], adapter_name: str = "policy") -> tuple[dict[str, Any], dict]:
+    """The exported adapter (config, tensors) held by a stage's checkpoint.
+
+    The checkpoint's trained tensors are named as in the stage (``model.peft.<peft key>``, with the
+    adapter's name after each ``lora_*`` part); PEFT's files drop the adapter name. Only the LoRA
+    matrices of ``adapter_name`` are kept (no value head, no critic adapter), as in
+    :func:`export_adapter` with ``plain_lora``.
+
+    Raises:
+        ValueError: the checkpoint holds no LoRA weights of ``adapter_name``, or no adapter config
+            and no local SFT adapter folder to take it from.
+    """
+    meta = checkpoint.get("rlhf_lit", {})
+    tensors = {}
+    for key, value in checkpoint.get("state_dict", {}).items():
+        parts = key.split(".")
+        if parts[:2] != ["model", "peft"]:
+            continue
+        parts = parts[2:]
+        at = [i for i in range(1, len(parts)) if parts[i] == adapter_name and parts[i - 1].startswith("lora_")]
+        if not at:
+            continue
+        tensors[".".join(parts[:at[0]] + parts[at[0] + 1:])] = value
+    if not tensors:
+        raise ValueError(f"the checkpoint holds no LoRA weights of the {adapter_name!r} adapter "
+                         f"(is it a checkpoint of an rlhf_lit stage?)")
+    if CONFIG_KEY in meta:
+        config = json.loads(meta[CONFIG_KEY])
+    else:  # written before checkpoints carried it: the adapter the policy started from has the same config
+        from rlhf_lit.paths import resolve_model_path
+
+        start = meta.get("policy_adapter") or meta.get("sft_adapter")
+        folder = Path(resolve_model_path(start)) if start else None
+        if folder is None or not (folder / CONFIG).is_file():
+            raise ValueError(f"the checkpoint carries no adapter config and its SFT adapter {start!r} is not a "
+                             f"local folder to read one from")
+        config = plain_config(json.loads((folder / CONFIG).read_text()), meta.get("base_model"))
+    return config, tensors
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
+    """Write the policy adapter of the checkpoint ``ckpt_path`` as a plain PEFT folder ``out_dir``
+    (no model is loaded: megabytes of tensors are renamed and written).
+
+    Raises:
+        FileNotFoundError: no such file.
+        rlhf_lit.checkpoint_io.DamagedCheckpointError: a damaged file (named, with the last good one).
+        ValueError: see :func:`checkpoint_adapter`.
+    """
+    import torch
+
+    from rlhf_lit.checkpoint_io import check_checkpoint
+
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {ckpt_path}")
+    check_checkpoint(ckpt_path)
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    config, tensors = checkpoint_adapter(checkpoint)
+    return write_adapter_folder(out_dir, config, tensors)
 
 
 def _swap_into_place(new: Path, target: Path) -> None:
@@ -88,7 +208,8 @@ def export_for_social_sim(adapter_dir: str | Path, loras_path: str | Path, clust
     social-sim loads ``{loras_path}/{lora_name_template.format(i=cluster)}`` with
     ``model.load_adapter(path, adapter_name)``; ``suffix`` (e.g. ``-rlhf-tox``) keeps the SFT
     adapter of the same cluster beside it (point social-sim's template at the suffixed name).
-    Only plain LoRA files are copied; the swap into place is atomic.
+    Only plain LoRA files are copied; the swap into place is atomic, and the folder and files get
+    the user's umask (social-sim may serve them under another user).
     """
     src = Path(adapter_dir)
     for name in (CONFIG, WEIGHTS):
@@ -100,7 +221,76 @@ def export_for_social_sim(adapter_dir: str | Path, loras_path: str | Path, clust
     target = Path(loras_path) / (lora_name_template.format(i=cluster) + suffix)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
-    for name in (CONFIG, WEIGHTS):
-        shutil.copy2(src / name, staging / name)
-    _swap_into_place(staging, target)
+    try:
+        for name in (CONFIG, WEIGHTS):
+            shutil.copyfile(src / name, staging / name)  # content only: modes come from the umask
+            with open(staging / name, "rb+") as f:
+                os.fsync(f.fileno())
+        apply_umask(staging)
+        _swap_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m rlhf_lit export
+# ---------------------------------------------------------------------------------------------
+def join_dash_values(argv: Sequence[str], options: Sequence[str] = ("--suffix",)) -> list[str]:
+    """``--suffix -rlhf-tox`` as ``--suffix=-rlhf-tox``: argparse reads a value that starts with a dash
+    as an option and fails ("expected one argument"), and social-sim suffixes start with one."""
+    out, argv = [], list(argv)
+    i = 0
+    while i < len(argv):
+        if argv[i] in options and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _checkpoint_of(path: Path) -> Path:
+    """A checkpoint file, or a run folder's (or checkpoint folder's) ``last.ckpt``."""
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"{path} holds no checkpoints/last.ckpt: give a checkpoint file")
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Path:
+    """``python -m rlhf_lit export CHECKPOINT [--out DIR] [--loras-path P --cluster I [--suffix S]]``."""
+    ap = argparse.ArgumentParser(
+        prog="python -m rlhf_lit export",
+        description="Turn a checkpoint of a run into the plain PEFT LoRA adapter (adapter_config.json + "
+                    "adapter_model.safetensors), without training or loading a model; optionally copy it into "
+                    "social-sim's loras folder under its naming.")
+    ap.add_argument("checkpoint", help="a .ckpt file, or a run folder (its checkpoints/last.ckpt)")
+    ap.add_argument("--out", help="the adapter folder to write (default: <run folder>/adapter-<checkpoint name>)")
+    ap.add_argument("--loras-path", help="also copy it into social-sim's loras folder")
+    ap.add_argument("--cluster", type=int, help="persona cluster id i (with --loras-path)")
+    ap.add_argument("--template", default=SOCIAL_SIM_TEMPLATE, help="social-sim's lora_name_template")
+    ap.add_argument("--suffix", default="", help="appended to the social-sim folder name, e.g. -rlhf-tox")
+    args = ap.parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
+    if args.loras_path and args.cluster is None:
+        ap.error("--loras-path needs --cluster")
+    try:
+        ckpt = _checkpoint_of(Path(args.checkpoint))
+        run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        out = Path(args.out) if args.out else run / f"adapter-{ckpt.stem}"
+        path = export_checkpoint(ckpt, out)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {path} (from {ckpt})")
+    if args.loras_path:
+        target = export_for_social_sim(path, args.loras_path, args.cluster, args.template, args.suffix)
+        print(f"wrote {target}")
+    return path
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

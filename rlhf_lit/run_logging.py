@@ -1,15 +1,27 @@
 """What a run writes beside TensorBoard's scalars: ``metrics.jsonl`` (one line per rollout, the
-plan's "local JSON") and sample text (TensorBoard text + ``samples.jsonl``)."""
+plan's "local JSON") and sample text (TensorBoard text + ``samples.jsonl``).
+
+History ends where the restored state ends: a run resumed from the checkpoint of rollout N (after
+a crash, ``kill -9`` or Ctrl-C at rollout N + k) first cuts ``metrics.jsonl`` and ``samples.jsonl``
+back to rollouts 1..N and tells TensorBoard to drop what the lost rollouts logged
+(:meth:`RunLog.rewind`), so the replayed rollouts appear once. TensorBoard's step of rollout r is
+r - 1 (Lightning's logging step), for the scalars and the sample text alike.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from rlhf_lit.atomic_files import write_jsonl_atomic
+from rlhf_lit.atomic_files import write_jsonl_atomic, write_text_atomic
 from rlhf_lit.markdown import markdown_cell
+
+log = logging.getLogger(__name__)
+
+HISTORY_FILES = ("metrics.jsonl", "samples.jsonl")
 
 
 class RunLog:
@@ -29,6 +41,29 @@ class RunLog:
         with (self.dir / name).open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
+    def rewind(self, rollouts: int) -> None:
+        """Cut the history back to its first ``rollouts`` rollouts (0: none), on rank 0.
+
+        ``metrics.jsonl`` and ``samples.jsonl`` keep their lines with ``rollout <= rollouts`` (a
+        torn last line of a killed run is dropped too), rewritten atomically; TensorBoard gets a
+        session-restart event at step ``rollouts`` (``SummaryWriter(purge_step=...)``'s event),
+        after which its readers discard the earlier events at that step or later."""
+        if self.dir is None:
+            return
+        for name in HISTORY_FILES:
+            path = self.dir / name
+            if not path.is_file():
+                continue
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            keep = [line for line in lines if _rollout_of(line) is not None and _rollout_of(line) <= rollouts]
+            if len(keep) != len(lines):
+                write_text_atomic(path, "".join(keep))
+                log.info("%s: dropped %d lines past rollout %d (the run resumes from there)", path,
+                         len(lines) - len(keep), rollouts)
+        tb = tensorboard_writer(self.trainer)
+        if tb is not None:
+            purge_tensorboard_from(tb, rollouts)
+
     def append_metrics(self, rollout: int, metrics: dict[str, float]) -> None:
         clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
         self._append("metrics.jsonl", {"rollout": rollout, "step": self.trainer.global_step, **clean})
@@ -43,7 +78,7 @@ class RunLog:
             table = "| prompt | response | score |\n|---|---|---|\n" + "\n".join(
                 f"| {markdown_cell(p, 300)} | {markdown_cell(r, 300)} | {s:.3f} |" for p, r, s in rows
             )
-            tb.add_text("samples", table, global_step=rollout)
+            tb.add_text("samples", table, global_step=logging_step(self.trainer, rollout - 1))
 
     def write_test_samples(self, rows: list[dict[str, Any]]) -> None:
         if self.dir is None:
@@ -68,3 +103,31 @@ def tensorboard_writer(trainer):
         if isinstance(lg, TensorBoardLogger):
             return lg.experiment
     return None
+
+
+def _rollout_of(line: str) -> Optional[float]:
+    """The ``rollout`` field of a history line, or None for a line that does not parse."""
+    try:
+        value = json.loads(line).get("rollout")
+    except (ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def logging_step(trainer, default: int) -> int:
+    """The step Lightning logs this batch's scalars at (its count of batches before this one), so
+    text and figures sit at the same step as the scalars; ``default`` where the trainer has none."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    step = getattr(loop, "_batches_that_stepped", None)
+    return int(step) if isinstance(step, int) else default
+
+
+def purge_tensorboard_from(writer, step: int) -> None:
+    """Write a session-restart event at ``step`` to ``writer`` (a ``SummaryWriter``): TensorBoard then
+    drops every earlier event at ``step`` or later (what ``SummaryWriter(purge_step=step)`` writes
+    when it opens)."""
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    file_writer = writer._get_file_writer() if hasattr(writer, "_get_file_writer") else writer.file_writer
+    file_writer.add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+    file_writer.flush()

@@ -7,21 +7,7 @@
 import argparse
 import sys
 
-from rlhf_lit.export import SOCIAL_SIM_TEMPLATE, export_for_social_sim
-
-
-def attach_dash_values(argv: list[str], options: tuple[str, ...] = ("--suffix",)) -> list[str]:
-    """``--suffix -rlhf-tox`` -> ``--suffix=-rlhf-tox``: argparse reads a separate value that starts
-    with a dash as an option, while a suffix naturally starts with one."""
-    out, i = [], 0
-    while i < len(argv):
-        if argv[i] in options and i + 1 < len(argv):
-            out.append(f"{argv[i]}={argv[i + 1]}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
+from rlhf_lit.export import SOCIAL_SIM_TEMPLATE, export_for_social_sim, join_dash_values
 
 
 def main(argv=None) -> None:
@@ -31,7 +17,7 @@ def main(argv=None) -> None:
     ap.add_argument("--cluster", type=int, required=True, help="persona cluster id i")
     ap.add_argument("--template", default=SOCIAL_SIM_TEMPLATE, help="social-sim's lora_name_template")
     ap.add_argument("--suffix", default="", help="appended to the folder name, e.g. -rlhf-tox")
-    args = ap.parse_args(attach_dash_values(list(sys.argv[1:] if argv is None else argv)))
+    args = ap.parse_args(join_dash_values(sys.argv[1:] if argv is None else argv))
     path = export_for_social_sim(args.adapter_dir, args.loras_path, args.cluster, args.template, args.suffix)
     print(f"wrote {path}")
 

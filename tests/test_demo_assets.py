@@ -191,6 +191,34 @@ def test_concurrent_callers_build_once(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [da.RECIPE_VERSION]
 
 
+def test_a_waiting_process_says_what_it_waits_for(tmp_path, monkeypatch, capsys):
+    """Another process holds the build lock: the caller says so at once and then every
+    WAIT_REPORT_S seconds, and uses that process's build once it is there."""
+    from filelock import FileLock
+
+    calls: list = []
+    monkeypatch.setattr(da, "_build", _fake_build(calls, delay=0.0))
+    monkeypatch.setattr(da, "WAIT_REPORT_S", 0.3)
+    holder = FileLock(tmp_path / f".{da.RECIPE_VERSION}.lock", thread_local=False)  # "the other process"
+    holder.acquire()
+    results: list = []
+    waiter = threading.Thread(target=lambda: results.append(da.ensure_demo_assets(tmp_path)), daemon=True)
+    try:
+        waiter.start()
+        time.sleep(1.0)
+        assert waiter.is_alive()
+        (tmp_path / da.RECIPE_VERSION).mkdir()
+        _fake_build([], delay=0.0)(tmp_path / da.RECIPE_VERSION, tmp_path / da.RECIPE_VERSION)  # its build lands
+    finally:
+        holder.release()
+    waiter.join(10)
+    err = capsys.readouterr().err
+    final = tmp_path.resolve() / da.RECIPE_VERSION
+    assert f"another process is building the demo model into {final}; waiting for it" in err
+    assert "still waiting for the demo model build of another process" in err
+    assert calls == [] and results and results[0].base_dir == final / "base"
+
+
 def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
     def boom(out: Path, final: Path) -> dict:
         (out / "base").mkdir()

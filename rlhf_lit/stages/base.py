@@ -28,6 +28,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from rlhf_lit.model import POLICY, PolicyConfig, PolicyModel
 from rlhf_lit.paths import check_adapter_path, check_model_path, tokenizer_path
 from rlhf_lit.run_logging import RunLog, run_dir
+from rlhf_lit.stages.resume import ResumePlan, apply_optimizer_settings, plan_resume
 from rlhf_lit.tokenizer import load_tokenizer, reconcile_special_tokens
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class AdapterStage(LightningModule):
         self.model: Optional[PolicyModel] = None
         self.tokenizer = None
         self._pending_rng: Optional[dict] = None
+        self._resume_plan: Optional[ResumePlan] = None
+        self.exported_adapter: Optional[Path] = None  # where export_adapter last wrote
         self._run_log: Optional[RunLog] = None
 
     # ---------------------------------------------------------------------------------------
@@ -134,7 +137,13 @@ class AdapterStage(LightningModule):
         else:
             torch.manual_seed(self.seed + self.global_rank)
             random.seed(self.seed + self.global_rank)
+        if self._resume_plan is not None:  # the optimizer state is restored by now
+            apply_optimizer_settings(self.trainer.optimizers[0] if self.trainer.optimizers else None,
+                                     self._resume_plan)
         self._run_log = RunLog(self.trainer)
+        done = getattr(self, "rollouts_done", None)  # the stage's count of training batches, as restored
+        if done is not None:  # history ends where the restored state ends (0 for a fresh run)
+            self._run_log.rewind(int(done))
 
     def on_train_end(self) -> None:
         self.export_adapter()
@@ -152,6 +161,7 @@ class AdapterStage(LightningModule):
         out = Path(self.output_dir) if self.output_dir else Path(log_dir) / "adapter"
         path = export_adapter(self.model.peft, POLICY, out, base_model=self.policy_config.base_model)
         log.info("exported the policy adapter to %s", path)
+        self.exported_adapter = path
         return path
 
     # ---------------------------------------------------------------------------------------
@@ -162,19 +172,43 @@ class AdapterStage(LightningModule):
         return {}
 
     def load_stage_state(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`stage_state` saved (keys may be missing in older checkpoints)."""
+        """Restore what :meth:`stage_state` saved (keys may be missing in older checkpoints).
+        A controller whose setting was changed on resume restarts from the new setting
+        (:meth:`setting_changed_on_resume`)."""
+
+    def resume_settings(self) -> dict[str, Any]:
+        """The settings, by config name, that restored state was made from and that the checkpoint
+        cannot show otherwise (a stage adds its own, e.g. ``model.ppo.kl_coef``): recorded in
+        checkpoints and compared on resume (:mod:`rlhf_lit.stages.resume`)."""
+        settings: dict[str, Any] = {"model.seed": self.seed}
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        for key in ("batch_size", "seed", "shuffle"):
+            value = getattr(datamodule, key, None)
+            if value is not None:
+                settings[f"data.{key}"] = value
+        return settings
+
+    def setting_changed_on_resume(self, setting: str) -> bool:
+        """Whether ``setting`` was given a value on resume other than the checkpoint's."""
+        return self._resume_plan is not None and self._resume_plan.changed(setting)
 
     def _trainable_keys(self, state_dict: dict[str, Any]) -> list[str]:
         return [k for k in state_dict if k.startswith("model.") and PolicyModel.is_trainable_key(k[len("model."):])]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from rlhf_lit.export import CONFIG_KEY, adapter_config_json
+
         sd = checkpoint["state_dict"]
         checkpoint["state_dict"] = {k: sd[k] for k in self._trainable_keys(sd)}
         checkpoint["rlhf_lit"] = {
             "base_model": self.policy_config.base_model,
             "sft_adapter": self.policy_config.sft_adapter,
+            "policy_adapter": self.policy_config.policy_adapter,
             "critic": self.policy_config.critic,
+            # what `python -m rlhf_lit export` needs to write the adapter without loading a model
+            CONFIG_KEY: adapter_config_json(self.model.peft, POLICY, self.policy_config.base_model),
             **self.stage_state(),
+            "settings": self.resume_settings(),
             "rng": get_rng_state(),
         }
 
@@ -198,6 +232,10 @@ class AdapterStage(LightningModule):
                 f"has base_model={self.policy_config.base_model!r}, sft_adapter={self.policy_config.sft_adapter!r}, "
                 f"critic={self.policy_config.critic!r}"
             )
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            # Settings given on resume: refused here, before anything runs, or applied.
+            self._resume_plan = plan_resume(checkpoint, self.resume_settings(), self.optimizer_factory,
+                                            self.scheduler_factory, self.trainer.ckpt_path)
         self.load_stage_state(meta)
         self._pending_rng = meta.get("rng")
 

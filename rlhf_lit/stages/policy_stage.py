@@ -2,8 +2,9 @@
 
 Shared by the stages whose product is a policy adapter (PPO; later DPO): the reward backend (and
 eval-only backends), the rollout engine and stop tokens, sampling with either adapter, validation
-(held-out score and KL each epoch) and ``test`` (both adapters answer the same prompts with the same
-seeds; the report compares them, :mod:`rlhf_lit.evaluation`).
+(held-out score and KL each epoch), ``test`` (both adapters answer the same prompts with the same
+seeds; the report compares them, :mod:`rlhf_lit.evaluation`) and ``predict`` (the policy adapter's
+responses as JSONL, :mod:`rlhf_lit.predictions`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from rlhf_lit.algos.rollout_batch import ResponseBatch
 from rlhf_lit.evaluation import TestEvaluator, check_eval_rewards
 from rlhf_lit.evaluation.stats import distinct_n
 from rlhf_lit.model import POLICY, REFERENCE, PolicyConfig
+from rlhf_lit.predictions import prediction_rows, write_predictions
 from rlhf_lit.rewards.base import RewardBackend
 from rlhf_lit.rollout import RolloutEngine, SamplingConfig, make_engine
 from rlhf_lit.stages.base import AdapterStage, default_optimizer
@@ -186,6 +188,27 @@ class PolicyStage(AdapterStage):
                     results[name] = self._score_and_kl(batch, role, extra=True)
             self.engine.release()
             self._evaluator.update(batch["id"], batch["prompt"], results, sample=k)
+
+    def on_predict_epoch_start(self) -> None:
+        self._predictions: list[dict[str, Any]] = []
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Responses of the policy adapter to ``batch``'s prompts: the rows of ``predictions.jsonl``
+        (:mod:`rlhf_lit.predictions`), which ``trainer.predict`` also returns."""
+        cfg = self.policy_config
+        adapter = self.trainer.ckpt_path or cfg.policy_adapter or f"{cfg.sft_adapter} (the SFT adapter)"
+        rows = []
+        for k in range(self.eval_samples_per_prompt):
+            with self._eval_rng(batch_idx * 1000 + k):
+                _, texts = self.sample(batch, self.eval_sampling)
+            out = self.reward(batch["prompt"], texts)
+            rows += prediction_rows(batch["id"], batch["prompt"], texts, out.scores, out.valid, k, str(adapter))
+        self.engine.release()
+        self._predictions += rows
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        self.predictions_path = write_predictions(self.trainer, self._predictions)
 
     def on_test_epoch_end(self) -> None:
         # Every rank computes (a collective); rank 0 writes report.md/json, the histogram, test_samples.jsonl.

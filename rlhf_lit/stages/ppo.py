@@ -46,6 +46,7 @@ from rlhf_lit.rollout import SamplingConfig
 from rlhf_lit.stages.base import default_optimizer
 from rlhf_lit.stages.policy_stage import PolicyStage
 from rlhf_lit.stages.ppo_config import PPOConfig
+from rlhf_lit.stages.unscored import UnscoredRollouts
 from rlhf_lit.stages.update_step import UpdateStep, check_micro_batch_size
 
 
@@ -110,6 +111,8 @@ class PPOModule(PolicyStage):
         self.kl_coef = ppo.kl_coef
         self.score_moments = RunningMoments()
         self.rollouts_done = 0
+        self.unscored = UnscoredRollouts(ppo.max_unscored_rollouts)
+        self._every_row_updated = False  # this rollout's, on every rank: then every minibatch has signal
 
     def _check_critic(self) -> None:
         name, critic = self.advantage_estimator.name, self.policy_config.critic
@@ -151,21 +154,30 @@ class PPOModule(PolicyStage):
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = self._clock()
         rollout, metrics, texts = self.make_rollout(batch)
+        # Samples scored, and rows with a token to learn from (scored, not filtered), over all ranks.
+        counts = torch.stack([rollout.valid.sum(), rollout.response_mask.any(-1).sum()]).float()
+        n_scored, n_updated = (int(c) for c in self.update_step.global_sum(counts).tolist())
+        self._every_row_updated = n_updated == rollout.valid.numel() * self.trainer.world_size
+        self.unscored.check(n_scored, self.rollouts_done + 1, self.reward.name, metrics)
+        learn = n_updated > 0  # no signal (nothing scored, or all filtered): no update, no schedule step
         t = self._clock()
-        metrics |= self.ppo_update(rollout)
+        if learn:
+            metrics |= self.ppo_update(rollout)
         metrics["time/update_s"] = self._clock() - t
         metrics["time/iteration_s"] = self._clock() - t0
         if self.device.type == "cuda":
             metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self._adapt_kl_coef(metrics["objective/kl"], rollout)
         metrics["lr"] = self.optimizers().param_groups[0]["lr"]  # the lr this update used: read before stepping
-        sch = self.lr_schedulers()
-        if sch is not None:
-            sch.step()
+        if learn:
+            self._adapt_kl_coef(metrics["objective/kl"], rollout)
+            sch = self.lr_schedulers()
+            if sch is not None:
+                sch.step()
         self.rollouts_done += 1
         self._log_rollout(metrics, batch, texts, rollout)
         if self.export_every_n_rollouts and self.rollouts_done % self.export_every_n_rollouts == 0:
             self.export_adapter()
+        self.unscored.stop_if_too_many(self.rollouts_done, self.reward.name)
 
     @torch.no_grad()
     def make_rollout(self, batch: dict[str, Any]) -> tuple[Rollout, dict[str, float], list[str]]:
@@ -283,7 +295,12 @@ class PPOModule(PolicyStage):
                 # Shuffle whole groups: a prompt's responses stay in one minibatch (n = 1: rows).
                 perm = (torch.randperm(B // n, device=self.device)[:, None] * n
                         + torch.arange(n, device=self.device)).reshape(-1)
-                for start in range(0, B, mb_size):
+                starts = range(0, B, mb_size)
+                signal = [True] * len(starts) if self._every_row_updated else \
+                    self.update_step.minibatches_with_signal([rollout.response_mask[perm[s:s + mb_size]] for s in starts])
+                for start, has_signal in zip(starts, signal):
+                    if not has_signal:  # no token to learn from: no step (momentum alone would move the weights)
+                        continue
                     self._minibatch_step(rollout, perm[start:start + mb_size], stats)
                     if self._kl_stop(stats):
                         break
@@ -393,10 +410,17 @@ class PPOModule(PolicyStage):
     # ---------------------------------------------------------------------------------------
     def stage_state(self) -> dict[str, Any]:
         return {"kl_coef": float(self.kl_coef), "score_moments": self.score_moments.state_dict(),
-                "rollouts_done": self.rollouts_done}
+                "rollouts_done": self.rollouts_done, "unscored": self.unscored.state_dict()}
+
+    def resume_settings(self) -> dict[str, Any]:
+        return super().resume_settings() | {"model.ppo.kl_coef": self.ppo.kl_coef}
 
     def load_stage_state(self, state: dict[str, Any]) -> None:
-        self.kl_coef = float(state.get("kl_coef", self.kl_coef))
+        # The coefficient is the config's unless the adaptive controller carries one on (a kl_coef
+        # given on resume restarts the controller from it).
+        if self.ppo.adaptive_kl and not self.setting_changed_on_resume("model.ppo.kl_coef"):
+            self.kl_coef = float(state.get("kl_coef", self.kl_coef))
+        self.unscored.load_state_dict(state.get("unscored", {}))
         if "score_moments" in state:
             self.score_moments.load_state_dict(state["score_moments"])
         self.rollouts_done = int(state.get("rollouts_done", 0))

@@ -108,6 +108,11 @@ class PPOConfig:
     """Clip gradients to this global norm (None: no clipping; the norm is logged either way)."""
     target_approx_kl: Optional[float] = None
     """Stop this rollout's remaining PPO epochs once a minibatch's approx KL exceeds it."""
+    max_unscored_rollouts: Optional[int] = 3
+    """Stop the run with an error after this many consecutive rollouts in which no sample was
+    scored (every reward invalid: a judge outage under ``on_failure: skip``, a backend that marks
+    all samples invalid). Such a rollout makes no update and logs ``objective/scores`` as NaN;
+    None never stops."""
 
     def __post_init__(self) -> None:
         from rlhf_lit.errors import ConfigError
@@ -141,6 +146,8 @@ class PPOConfig:
         need(self.rollout_is_cap > 0, "rollout_is_cap", "a number > 0")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "null or a number > 0")
         need(self.target_approx_kl is None or self.target_approx_kl > 0, "target_approx_kl", "null or a number > 0")
+        need(self.max_unscored_rollouts is None or self.max_unscored_rollouts >= 1, "max_unscored_rollouts",
+             "null or an integer >= 1")
         for name in ("clip_eps", "vf_clip_eps", "vf_coef", "gamma", "lam", "kl_coef", "kl_target", "overlong_penalty",
                      "rollout_is_cap"):
             need(math.isfinite(getattr(self, name)), name, "a finite number")

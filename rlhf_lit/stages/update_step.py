@@ -10,6 +10,15 @@ One call of :meth:`UpdateStep.step` is one optimizer step over a minibatch:
    minibatch's, so the sum is the gradient of the global aggregate);
 4. clip to ``max_grad_norm``, step the optimizer, refresh the bf16 LoRA compute copies.
 
+The clipping runs inside the optimizer step, in a step pre-hook of the optimizer: by then Lightning's
+precision plugin has unscaled the gradients (``16-mixed``'s ``GradScaler``; clipping scaled
+gradients would clip by a norm tens of thousands of times too large), and a step the scaler skips
+for non-finite gradients is not clipped (its norm reads ``inf``).
+
+A minibatch without a single token to learn from (every sample unscored) gets no optimizer step:
+Adam's momentum would still move the weights. :meth:`UpdateStep.minibatches_with_signal` says
+which minibatches have one, agreed across ranks.
+
 Around the steps of one update phase, :meth:`UpdateStep.phase` puts the model in train mode, swaps
 in the bf16 LoRA compute copies and the compiled decoder layers, and frees the gradients at the end.
 ``micro_batch_size: auto`` is measured once, at the first update.
@@ -77,6 +86,9 @@ class UpdateStep:
         self.minibatch_size = minibatch_size
         self.measured: Optional[int] = None  # micro_batch_size: auto, measured at the first update
         self._lora = None
+        self._clip: Optional[tuple[list[Tensor], float]] = None  # set around opt.step() only
+        self._grad_norm: Optional[Tensor] = None
+        self._hooked: Optional[int] = None  # id() of the optimizer carrying the clipping hook
 
     # ------------------------------------------------------------------------------------------
     def micro_batch(self, rows: int) -> int:
@@ -102,6 +114,17 @@ class UpdateStep:
         if self.world_size == 1:
             return x
         return self.module.trainer.strategy.reduce(x, reduce_op="sum")
+
+    def minibatches_with_signal(self, masks: list[Tensor]) -> list[bool]:
+        """Which minibatches hold at least one token that gets an update, on any rank.
+
+        Args:
+            masks: each minibatch's ``(b, R)`` update mask on this rank (unscored samples masked out).
+        Returns:
+            One bool per minibatch, the same on every rank (one all-reduce, one host sync).
+        """
+        counts = torch.stack([m.sum() for m in masks]).float()
+        return [c > 0 for c in self.global_sum(counts).tolist()]
 
     @contextlib.contextmanager
     def phase(self) -> Iterator["UpdateStep"]:
@@ -166,10 +189,30 @@ class UpdateStep:
                 self._lora.collect_grads()
         self._sum_gradients_over_ranks(params)
         max_norm = self.max_grad_norm if self.max_grad_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
-        opt.step()
+        self._hook_clipping(opt.optimizer if hasattr(opt, "optimizer") else opt)
+        # Lightning's step: (16-mixed: unscale) -> the pre-hook clips -> step (or the scaler skips it)
+        self._clip, self._grad_norm = (params, max_norm), None
+        try:
+            opt.step()
+        finally:
+            self._clip = None
         self._lora.refresh()
-        return grad_norm
+        if self._grad_norm is None:  # the scaler skipped the step: non-finite gradients
+            return torch.tensor(float("inf"), device=params[0].device)
+        return self._grad_norm
+
+    def _hook_clipping(self, optimizer: torch.optim.Optimizer) -> None:
+        """Register the clipping as a step pre-hook of ``optimizer`` (once per optimizer)."""
+        if self._hooked == id(optimizer):
+            return
+
+        def clip(opt, args, kwargs):
+            if self._clip is not None:
+                params, max_norm = self._clip
+                self._grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+
+        optimizer.register_step_pre_hook(clip)
+        self._hooked = id(optimizer)
 
     # ------------------------------------------------------------------------------------------
     def _no_backward_sync(self):

@@ -1,0 +1,183 @@
+"""The run folder around one command: checked before anything loads, locked while ``fit`` runs,
+summarised at the end.
+
+- :func:`check_start`: every folder the run will write (the run folder, the checkpoint folder, the
+  adapter's ``model.output_dir``) is writable *now*, not after hours of training; a fresh ``fit``
+  refuses a folder that holds checkpoints; ``--ckpt_path last`` refuses a folder whose
+  ``last.ckpt`` is gone but whose other checkpoints are not (it would start over); a damaged
+  checkpoint is named with the last good one before any model loads.
+- :class:`RunFolderGuard`: the :class:`~rlhf_lit.run_lock.RunFolderLock` of a ``fit``, released when
+  the run ends, fails or is interrupted.
+- :func:`summary`: where the run folder, adapter, checkpoint and report are, and key figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.pytorch.callbacks import Callback
+
+from rlhf_lit.checkpoint_io import DamagedCheckpointError, check_checkpoint, newest_intact_checkpoint
+from rlhf_lit.run_lock import RunFolderLock
+
+
+def run_folder(trainer) -> Optional[Path]:
+    """The trainer's run folder (its logger's folder), or None without a logger."""
+    return Path(trainer.log_dir) if trainer.loggers and trainer.log_dir else None
+
+
+def checkpoint_folders(trainer) -> list[Path]:
+    return [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` (and parents) and a file in it, then remove the file.
+
+    Raises:
+        SystemExit: naming ``what`` (the option that sets the folder) and the OS error.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".rlhf_lit-write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise SystemExit(f"error: {what} {folder} is not writable ({e.strerror or e}); "
+                         f"choose a folder this user can write to") from None
+
+
+def check_start(trainer, subcommand: str, ckpt_path: Optional[str], output_dir: Optional[str]) -> None:
+    """The checks of the module docstring, run by the CLI before the model is built.
+
+    Raises:
+        SystemExit: a folder is not writable, a fresh ``fit`` in a folder with checkpoints, or
+            ``--ckpt_path last`` with only other checkpoints left.
+            Also for a damaged checkpoint to resume from, naming the last good one.
+    """
+    folders = checkpoint_folders(trainer)
+    if subcommand == "fit":
+        run = run_folder(trainer)
+        if run is not None:
+            check_writable(run, "the run folder (trainer.logger.init_args.save_dir)")
+        for folder in folders:
+            check_writable(folder, "the checkpoint folder")
+        if output_dir:  # the export writes beside its target, then renames it into place
+            check_writable(Path(output_dir).expanduser().resolve().parent, "the folder of model.output_dir")
+        if ckpt_path is None:
+            for folder in folders:
+                found = sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
+                if found:
+                    raise SystemExit(
+                        f"error: {found[0]} exists: this run folder already holds a run. Resume it with "
+                        f"'--ckpt_path last', or start a new run in another folder "
+                        f"(--trainer.logger.init_args.save_dir=...)."
+                    )
+    if ckpt_path == "last":
+        lasts = [p for f in folders for p in f.glob("last*.ckpt")]
+        if lasts:
+            _check_intact(max(lasts, key=lambda p: p.stat().st_mtime))
+        else:
+            others = [good for good in (newest_intact_checkpoint(f) for f in folders) if good is not None]
+            if others:
+                raise SystemExit(
+                    f"error: --ckpt_path last: there is no last.ckpt in {others[0].parent}, but {others[0]} is "
+                    f"there; resume from it with --ckpt_path {others[0]} (starting over would discard its run)."
+                )
+    elif ckpt_path and ckpt_path not in ("best", "hpc") and Path(ckpt_path).is_file():
+        _check_intact(Path(ckpt_path))
+
+
+def _check_intact(path: Path) -> None:
+    try:
+        check_checkpoint(path)
+    except DamagedCheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+class RunFolderGuard(Callback):
+    """Holds the run folder's lock for one ``fit``; releases it when the fit ends or fails.
+
+    Args:
+        folder: the run folder.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.lock = RunFolderLock(folder, "fit")
+
+    def acquire(self) -> None:
+        """Raises SystemExit with the lock's message when another process holds it."""
+        from rlhf_lit.run_lock import RunFolderBusy
+
+        try:
+            self.lock.acquire()
+        except RunFolderBusy as e:
+            raise SystemExit(f"error: {e}") from None
+
+    def release(self) -> None:
+        self.lock.release()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.release()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.release()
+
+
+def _history(folder: Path) -> list[dict[str, Any]]:
+    path = folder / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x:.4g}"
+
+
+def summary(trainer, module, subcommand: str) -> str:
+    """A few lines for the end of ``fit``/``test``/``predict``: the files a user looks for next."""
+    folder = run_folder(trainer)
+    lines = []
+    if subcommand == "fit":
+        rows = _history(folder) if folder else []
+        scores = [r.get("objective/scores") for r in rows if isinstance(r.get("objective/scores"), (int, float))]
+        head = f"rlhf_lit: fit done: {getattr(module, 'rollouts_done', len(rows))} rollouts"
+        if scores:
+            head += f", objective/scores {_fmt(scores[0])} (first) -> {_fmt(scores[-1])} (last)"
+        if rows and rows[-1].get("objective/kl") is not None:
+            head += f", objective/kl {_fmt(rows[-1]['objective/kl'])}"
+        lines.append(head)
+        adapter = getattr(module, "exported_adapter", None)
+        if adapter:
+            lines.append(f"  adapter (PEFT LoRA):  {adapter}")
+        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") if trainer.checkpoint_callback else ""
+        if ckpt:
+            lines.append(f"  last checkpoint:      {ckpt}   (continue: --ckpt_path last)")
+    elif subcommand == "test":
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        if "test/score_rlhf" in metrics:
+            lines.append(f"rlhf_lit: test done: score {_fmt(metrics.get('test/score_rlhf'))} (RLHF adapter) vs "
+                         f"{_fmt(metrics.get('test/score_sft'))} (SFT adapter), win rate "
+                         f"{_fmt(metrics.get('test/win_rate'))}")
+        else:
+            lines.append("rlhf_lit: test done")
+        if folder and (folder / "report.md").is_file():
+            lines.append(f"  report:               {folder / 'report.md'}   (and report.json, test_samples.jsonl)")
+    elif subcommand == "predict":
+        out = getattr(module, "predictions_path", None)
+        lines.append(f"rlhf_lit: predict done: {out}" if out else "rlhf_lit: predict done")
+    else:
+        lines.append(f"rlhf_lit: {subcommand} done")
+    if folder:
+        lines.append(f"  run folder:           {folder}   (tensorboard --logdir {folder})")
+    return "\n".join(lines)
