@@ -13,10 +13,11 @@ PKG = Path(__file__).resolve().parents[1] / "rlhf_lit"
 # Lower layers first; a module may import modules of its own layer or of lower ones.
 LAYERS = [
     ("leaves", ["rlhf_lit", "rlhf_lit.chat", "rlhf_lit.markdown", "rlhf_lit.atomic_files", "rlhf_lit.demo_assets",
-                "rlhf_lit.paths", "rlhf_lit.tokenizer"]),
+                "rlhf_lit.demo_survey", "rlhf_lit.paths", "rlhf_lit.tokenizer"]),
     ("algos", ["rlhf_lit.algos"]),
     ("model", ["rlhf_lit.model"]),
-    ("components", ["rlhf_lit.rollout", "rlhf_lit.rewards", "rlhf_lit.data", "rlhf_lit.export",
+    ("components", ["rlhf_lit.rollout", "rlhf_lit.rewards", "rlhf_lit.data", "rlhf_lit.preference_data",
+                    "rlhf_lit.export",
                     "rlhf_lit.run_logging", "rlhf_lit.checkpointing", "rlhf_lit.evaluation", "rlhf_lit.testing"]),
     ("stages", ["rlhf_lit.stages"]),
     ("cli", ["rlhf_lit.cli", "rlhf_lit.__main__"]),
