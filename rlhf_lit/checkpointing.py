@@ -1,4 +1,4 @@
-"""Checkpoint every N PPO rollouts.
+"""Checkpoint every N PPO rollouts (or N optimizer steps of a stage without rollouts: DPO, reward model).
 
 Under manual optimization Lightning's ``global_step`` counts optimizer steps — ``ppo_epochs x
 num_minibatches`` per rollout, fewer when the epochs stop early on ``target_approx_kl`` — so
@@ -16,7 +16,8 @@ class RolloutCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that saves every ``every_n_rollouts`` rollouts (and keeps ``last.ckpt``).
 
     Args:
-        every_n_rollouts: Save after every N rollouts; 0 saves only at epoch ends.
+        every_n_rollouts: Save after every N rollouts (training steps of the DPO and reward-model stages);
+            0 saves only at epoch ends.
         filename: Checkpoint file name pattern (``rollout`` is the rollout count).
         save_last: Also keep ``last.ckpt`` (what ``--ckpt_path last`` resumes from).
         auto_insert_metric_name: Prefix metric names in ``filename`` automatically.
@@ -35,7 +36,8 @@ class RolloutCheckpoint(ModelCheckpoint):
         self.every_n_rollouts = every_n_rollouts
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        n = getattr(pl_module, "rollouts_done", batch_idx + 1)
+        # Stages without rollouts (DPO, the reward model) count optimizer steps: ``steps_done``.
+        n = getattr(pl_module, "rollouts_done", getattr(pl_module, "steps_done", batch_idx + 1))
         if self.every_n_rollouts < 1 or n % self.every_n_rollouts or self._should_skip_saving_checkpoint(trainer):
             return
         candidates = self._monitor_candidates(trainer)

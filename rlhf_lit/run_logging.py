@@ -29,9 +29,11 @@ class RunLog:
         with (self.dir / name).open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    def append_metrics(self, rollout: int, metrics: dict[str, float]) -> None:
+    def append_metrics(self, rollout: int, metrics: dict[str, float], counter: str = "rollout") -> None:
+        """One line of ``metrics.jsonl``: ``{counter: rollout, "step": global_step, **metrics}`` (a stage
+        without rollouts names its own counter, e.g. ``train_step``); non-finite values become null."""
         clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-        self._append("metrics.jsonl", {"rollout": rollout, "step": self.trainer.global_step, **clean})
+        self._append("metrics.jsonl", {counter: rollout, "step": self.trainer.global_step, **clean})
 
     def samples(self, rollout: int, prompts: Sequence[str], responses: Sequence[str],
                 scores: Sequence[float], n: int) -> None:
