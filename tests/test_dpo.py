@@ -57,7 +57,7 @@ def test_micro_batch_size_leaves_the_dpo_step_unchanged(assets, tmp_path, loss_t
                 captured[micro] = (self.pair_update(batch), grads)
                 hook.remove()
 
-    module = Probe(policy=PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32"),
+    module = Probe(policy=PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32", critic="none"),
                    reward=ConstantishReward(), dpo=DPOConfig(beta=0.5, loss_type=loss_type, label_smoothing=smoothing,
                                                              max_grad_norm=None),
                    rollout_engine="hf", optimizer=_sgd_zero, output_dir=str(tmp_path / "adapter"))
@@ -85,7 +85,7 @@ def test_micro_batch_size_leaves_the_dpo_step_unchanged(assets, tmp_path, loss_t
 def test_reference_is_the_sft_adapter_and_is_cached_in_the_run_folder(assets, tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    module = DPOModule(policy=PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32"),
+    module = DPOModule(policy=PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32", critic="none"),
                        reward=ConstantishReward(), rollout_engine="hf", output_dir=str(tmp_path / "adapter"))
     data = _data(assets, tmp_path, batch_size=4)
     logger = CSVLogger(str(tmp_path), name="", version="")
@@ -95,9 +95,9 @@ def test_reference_is_the_sft_adapter_and_is_cached_in_the_run_folder(assets, tm
 
     # The cached values are the SFT adapter's log-probs, computed independently by a fresh policy model.
     batch = next(iter(data._eval_loader("train")))
-    fresh = PolicyModel(PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32"),
+    fresh = PolicyModel(PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32", critic="none"),
                         torch.device("cpu")).eval()
-    probe = DPOModule(policy=PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32"),
+    probe = DPOModule(policy=PolicyConfig(base_model=assets["base"], sft_adapter=assets["sft"], dtype="float32", critic="none"),
                       reward=ConstantishReward())
     probe.model = fresh
     expected = probe._sequence_logps(batch, "policy")  # untrained policy = the SFT adapter
@@ -114,6 +114,7 @@ def test_reference_is_the_sft_adapter_and_is_cached_in_the_run_folder(assets, tm
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="model.policy.critic='adapter'"):
         DPOModule(policy=PolicyConfig(critic="adapter"))
+    assert DPOModule(policy=PolicyConfig(critic="none")).algorithm.startswith("DPO (loss_type=sigmoid")
     with pytest.raises(ValueError, match="model.policy.sft_adapter is required"):
         DPOModule(policy=PolicyConfig(sft_adapter=None))
     with pytest.raises(ValueError, match="model.dpo.label_smoothing"):
@@ -169,8 +170,8 @@ def test_fit_then_test_reports_held_out_pairs_and_names_dpo(tmp_path):
         assert key in metrics and torch.isfinite(metrics[key]), key
     assert float(metrics["test/kl_sft"]) == pytest.approx(0.0, abs=1e-5)
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["run"]["algorithm"] == "DPO" and report["run"]["steps_trained"] == 3
+    assert report["run"]["algorithm"].startswith("DPO (loss_type=sigmoid") and report["run"]["steps_trained"] == 3
     assert report["preference"]["pairs"] == 2 * 32 and 0 <= report["preference"]["accuracy"] <= 1
     md = (run_dir / "report.md").read_text()
-    assert md.startswith("# DPO adapter vs SFT adapter") and "## Held-out preference pairs" in md
+    assert "trained with DPO (loss_type=sigmoid, beta=0.1" in md and "## Held-out preference pairs" in md
     assert "(after 3 optimizer steps)" in md and "not trained on" in md

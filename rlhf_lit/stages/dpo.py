@@ -90,7 +90,6 @@ class DPOModule(PairTraining, PolicyStage):
         seed: Seed of the stage's randomness (each data-parallel rank adds its rank).
     """
 
-    algorithm = "DPO"
     micro_batch_option = "model.dpo.micro_batch_size"
     reward_role = "scores the report; not trained on"
 
@@ -114,8 +113,7 @@ class DPOModule(PairTraining, PolicyStage):
         super().__init__(policy, reward, sampling, eval_sampling, rollout_engine, optimizer, lr_scheduler,
                          output_dir, eval_samples_per_prompt, eval_rewards, extra_stop_tokens, seed)
         if policy.critic == "adapter":
-            raise ValueError("model.policy.critic='adapter' trains a critic adapter DPO never uses: set 'none' "
-                             "(or 'value_head', whose head is left untouched)")
+            raise ValueError("model.policy.critic='adapter' trains a critic adapter DPO never uses: set 'none'")
         if policy.sft_adapter is None:
             raise ValueError("model.policy.sft_adapter is required: DPO trains the SFT adapter against a frozen copy "
                              "of it (without one, the reference would be the bare base model)")
@@ -127,8 +125,15 @@ class DPOModule(PairTraining, PolicyStage):
         self._test_sums: dict[str, Tensor] = {}
         self._generated = False
 
+    @property
+    def algorithm(self) -> str:
+        """What the report says trained the policy."""
+        cfg = self.dpo
+        return f"DPO (loss_type={cfg.loss_type}, beta={cfg.beta}, label_smoothing={cfg.label_smoothing})"
+
     def eval_micro_batch(self, rows: int) -> int:
-        return 2 * self.update_step.micro_batch(rows)
+        """Sequences per no-grad forward: four training micro-batches of pairs (2 sequences each)."""
+        return min(rows, 2 * self.update_step.no_grad_micro_batch(self.update_step.minibatch_size))
 
     # ---------------------------------------------------------------------------------------
     # Before the first step: the reference cache
@@ -167,7 +172,7 @@ class DPOModule(PairTraining, PolicyStage):
     def _sequence_logps(self, batch: dict[str, Any], role: str) -> tuple[Tensor, Tensor]:
         """No-grad ``(B,)`` chosen and rejected sequence log-probs under ``role``'s adapter."""
         pairs = stack_pairs(batch)
-        out = self.model.evaluate(pairs, 1.0, role, self.eval_micro_batch(len(batch["key"])), values=False)
+        out = self.model.evaluate(pairs, 1.0, role, self.eval_micro_batch(2 * len(batch["key"])), values=False)
         return sequence_logps(out.logprobs, pairs.response_mask).chunk(2)
 
     def _compute_reference(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:

@@ -31,7 +31,8 @@ class PairTraining:
         """One optimizer step over the pair batch; returns this rank's figures (batch means)."""
         raise NotImplementedError
 
-    def on_fit_start(self) -> None:
+    def setup(self, stage: str) -> None:
+        # The batch is the data module's (fit, validate and test all size no-grad forwards from it).
         size = getattr(self.trainer.datamodule, "batch_size", None)
         if size is not None:
             check_micro_batch_size(self.update_step.micro_batch_size, size, "= data.batch_size",

@@ -150,7 +150,7 @@ class RewardModelModule(PairTraining, AdapterStage):
         """Per-pair figures (``(B,)`` each) of the current reward model on a held-out batch."""
         self.model.eval()
         B = len(batch["key"])
-        micro = self.update_step.micro_batch(B)
+        micro = self.update_step.no_grad_micro_batch(B)
         parts = []
         with self.model.lora_compute_copies():
             for s in range(0, B, micro):
