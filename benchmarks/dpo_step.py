@@ -26,8 +26,8 @@ memory = ``torch.cuda.max_memory_allocated`` over the whole process (model loadi
     PYTHONPATH=. python benchmarks/dpo_step.py --runs ours-nf4-compile,trl-nf4 --json b.json
     PYTHONPATH=. python benchmarks/dpo_step.py --tiny --runs ours-bf16,ours-bf16-nocache,trl-bf16   # CPU smoke test
 
-The device machines have no bitsandbytes, trl or datasets installed: carry their wheels (trl 1.16.0,
-datasets and its needs: pyarrow, dill, multiprocess, xxhash; bitsandbytes for nf4), as the device notes say.
+The device machines lack bitsandbytes, trl, datasets (and its dill, multiprocess) and torchdata: carry their
+wheels (trl 1.16.0 for the TRL rows, bitsandbytes for nf4), as the device notes say.
 
 Run names: ``<framework>-<bf16|nf4>[-variant...]``; our variants ``nockpt`` (checkpointing off,
 ``--nockpt-micro-batch`` pairs per forward, default 2), ``compile`` (``policy.compile``), ``nocache`` (no
@@ -177,6 +177,7 @@ def worker_ours(args, result: dict, quantization: str) -> None:
 
     from rlhf_lit.model import PolicyConfig
     from rlhf_lit.preference_data import PreferenceDataModule
+    from rlhf_lit.rewards.length import LengthPenalty
     from rlhf_lit.stages.dpo import DPOConfig, DPOModule
 
     w, cuda = _w(args.tiny), torch.cuda.is_available()
@@ -206,7 +207,8 @@ def worker_ours(args, result: dict, quantization: str) -> None:
     module = DPOModule(
         policy=PolicyConfig(base_model=str(a / "base"), sft_adapter=str(a / "sft_adapter"), quantization=quantization,
                             dtype="bfloat16" if cuda else "float32", gradient_checkpointing=ckpt,
-                            compile="compile" in variants),
+                            compile="compile" in variants, critic="none"),
+        reward=LengthPenalty(),  # scores only a `test` report, which the benchmark never runs: no dependency
         dpo=DPOConfig(beta=0.1, loss_type="sigmoid", precompute_ref_logps="nocache" not in variants,
                       micro_batch_size=micro),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-5, eps=1e-8), output_dir=str(work / "adapter"), seed=0)

@@ -53,7 +53,8 @@ def test_offloaded_scores_equal_resident_and_hold_no_gpu_memory(rm_folder, quant
         pytest.importorskip("bitsandbytes")
     from rlhf_lit.rewards import TrainedRewardModel
 
-    resident = TrainedRewardModel(str(rm_folder), quantization=quantization, batch_size=5)
+    # sdpa for both: offloaded bf16 weights load on the CPU, where 'auto' never picks flash-attn.
+    resident = TrainedRewardModel(str(rm_folder), quantization=quantization, batch_size=5, attn_implementation="sdpa")
     resident.setup("cuda")
     want = resident(PROMPTS, RESPONSES).scores
     assert torch.isfinite(want).all() and float(want.std()) > 0
@@ -61,7 +62,8 @@ def test_offloaded_scores_equal_resident_and_hold_no_gpu_memory(rm_folder, quant
     torch.cuda.empty_cache()
 
     before = torch.cuda.memory_allocated()
-    offloaded = TrainedRewardModel(str(rm_folder), quantization=quantization, batch_size=5, offload=True)
+    offloaded = TrainedRewardModel(str(rm_folder), quantization=quantization, batch_size=5, offload=True,
+                                   attn_implementation="sdpa")
     offloaded.setup("cuda")
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before < 2**20, "the offloaded weights must wait in host memory"

@@ -72,6 +72,8 @@ def test_bradley_terry_with_and_without_margin():
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
     close(bradley_terry_loss(chosen, rejected), [0.3132617, 1.3132617])               # softplus(-1), softplus(1)
     close(bradley_terry_loss(chosen, rejected, torch.tensor([0.5, 0.0])), [0.4740770, 1.3132617])  # softplus(-0.5)
+    # + c (r_c + r_r)^2 with c = 0.1: + 0.1 * 9 and + 0.1 * 1
+    close(bradley_terry_loss(chosen, rejected, center_coefficient=0.1), [0.3132617 + 0.9, 1.3132617 + 0.1])
 
 
 def test_options_are_checked_with_their_config_names():

@@ -129,6 +129,21 @@ def test_exported_reward_model_loads_back_and_scores_identically(trained_rm):
     torch.testing.assert_close(rm(batch["prompt"], batch["chosen"]).scores, chosen, atol=1e-5, rtol=1e-5)
 
 
+def test_offload_is_a_no_op_on_the_cpu_and_the_backend_pickles(trained_rm):
+    import pickle
+
+    from rlhf_lit.rewards import TrainedRewardModel
+
+    folder = str(trained_rm[0] / "reward_model")
+    texts = (["why vote today", "hello"], ["thanks for the news", "you idiot"])
+    plain, offloaded = TrainedRewardModel(folder), TrainedRewardModel(folder, offload=True)
+    plain.setup("cpu")
+    offloaded.setup("cpu")
+    torch.testing.assert_close(offloaded(*texts).scores, plain(*texts).scores, atol=0, rtol=0)
+    copy = pickle.loads(pickle.dumps(offloaded))  # no model inside: it loads again when used
+    torch.testing.assert_close(copy(*texts).scores, plain(*texts).scores, atol=0, rtol=0)
+
+
 def test_trained_reward_model_is_a_ppo_reward(trained_rm, tmp_path):
     run_dir, _ = trained_rm
     ppo_dir = tmp_path / "ppo"

@@ -31,6 +31,8 @@ scores ``r_c, r_r`` of a reward model, with Llama 2's optional margin ``m`` (Tou
 eq. 2; e.g. from the raters' rating difference):
 
     ``-log sigma(r_c - r_r - m)``
+
+optionally plus ``c (r_c + r_r)^2``, which keeps the scores centred (Eisenstein et al. 2023).
 """
 
 from __future__ import annotations
@@ -114,19 +116,27 @@ def dpo_loss(chosen_logps: Tensor, rejected_logps: Tensor, ref_chosen_logps: Ten
     return DPOLoss(losses, (beta * chosen_ratio).detach(), (beta * rejected_ratio).detach())
 
 
-def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: Optional[Tensor] = None) -> Tensor:
-    """``-log sigma(r_c - r_r - m)`` per pair (Bradley-Terry; Llama 2's margin ``m``).
+def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: Optional[Tensor] = None,
+                       center_coefficient: float = 0.0) -> Tensor:
+    """``-log sigma(r_c - r_r - m) + c (r_c + r_r)^2`` per pair: Bradley-Terry with Llama 2's margin
+    ``m`` and, for ``c > 0``, a term that pulls the scores towards mean 0 (Eisenstein et al. 2023,
+    "Helping or Herding?"; TRL's ``center_rewards_coefficient``): a scale-free Bradley-Terry model
+    otherwise drifts, and PPO reads the score itself.
 
     Args:
         chosen_scores, rejected_scores: ``(P,)`` the reward model's scalar scores (differentiable).
         margin: ``(P,)`` the margin each pair must be won by, or None for 0 (the plain loss).
+        center_coefficient: ``c >= 0``.
     Returns:
         ``(P,)`` losses.
     """
     diff = chosen_scores - rejected_scores
     if margin is not None:
         diff = diff - margin.to(diff.dtype)
-    return -F.logsigmoid(diff)
+    losses = -F.logsigmoid(diff)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen_scores + rejected_scores) ** 2
+    return losses
 
 
 def sequence_logps(logprobs: Tensor, mask: Tensor) -> Tensor:

@@ -37,7 +37,8 @@ class TrainedRewardModel(RewardBackend):
             ``builtin:`` name or a folder). Give a local folder of the same model on an offline machine.
         quantization: ``nf4`` (4-bit base, bitsandbytes, CUDA) or ``none``.
         dtype: Base weight dtype: ``auto`` (bf16 on a GPU, fp32 on the CPU), float32, bfloat16, float16.
-        attn_implementation: ``auto``, ``sdpa``, ``flash_attention_2`` or ``eager``.
+        attn_implementation: ``auto``, ``sdpa``, ``flash_attention_2`` or ``eager`` (offloaded bf16 weights
+            load on the CPU, where ``auto`` is ``sdpa``).
         batch_size: (prompt, response) pairs per forward.
         max_prompt_tokens: Longer templated prompts keep their last tokens; default: the manifest's.
         max_response_tokens: Longer responses keep their first tokens (then EOS); default: the manifest's.
@@ -91,11 +92,16 @@ class TrainedRewardModel(RewardBackend):
         folder = Path(self.path).expanduser()
         manifest = read_reward_model_manifest(folder)
         device = torch.device(self.device_option) if self.device_option else self.device
+        offload = self.offload and device.type == "cuda"
+        # Offloaded full-precision weights load straight into host memory (no transient GPU copy beside
+        # the policy); 4-bit weights are quantized on the GPU by bitsandbytes, then moved out.
+        load_on = torch.device("cpu") if offload and self.quantization == "none" else device
+        dtype = "bfloat16" if load_on != device and self.dtype == "auto" else self.dtype
         config = PolicyConfig(
             base_model=self.base_model or manifest["base_model"], sft_adapter=None,
-            policy_adapter=str(folder / manifest["adapter"]), quantization=self.quantization, dtype=self.dtype,
+            policy_adapter=str(folder / manifest["adapter"]), quantization=self.quantization, dtype=dtype,
             attn_implementation=self.attn_implementation, critic="value_head", revision=manifest.get("revision"))
-        model = PolicyModel(config, device)
+        model = PolicyModel(config, load_on)
         head = load_file(str(folder / manifest["head"]))
         if tuple(head["weight"].shape) != tuple(model.value_head.weight.shape):
             raise ValueError(f"{folder / RM_HEAD}: a head for hidden size {tuple(head['weight'].shape)[1]}, but "
@@ -107,7 +113,7 @@ class TrainedRewardModel(RewardBackend):
         self._tokenizer = load_tokenizer(str(folder / manifest["tokenizer"]))
         self.max_prompt_tokens = self.max_prompt_tokens or manifest.get("max_prompt_tokens") or 1024
         self.max_response_tokens = self.max_response_tokens or manifest.get("max_response_tokens") or 1024
-        if self.offload and device.type == "cuda":
+        if offload:
             self._on_device = HostOffload(model, device)
         self._model, self._device, self.manifest = model, device, manifest
 

@@ -114,9 +114,7 @@ class RewardModelModule(PairTraining, AdapterStage):
         if self.rm.margin_scale:
             m = batch["margin"] if rows is None else batch["margin"][rows]
             margin = self.rm.margin_scale * torch.nan_to_num(m.to(chosen.device), nan=0.0)
-        losses = bradley_terry_loss(chosen, rejected, margin)
-        if self.rm.center_rewards_coefficient:
-            losses = losses + self.rm.center_rewards_coefficient * (chosen + rejected) ** 2
+        losses = bradley_terry_loss(chosen, rejected, margin, self.rm.center_rewards_coefficient)
         c, r = chosen.detach(), rejected.detach()
         return losses, {"loss": losses.detach(), "accuracy": (c > r).float(), "margin": c - r,
                         "mean_reward": (c + r) / 2, "rewards/chosen": c, "rewards/rejected": r}
