@@ -22,8 +22,9 @@ first is the warm-up (allocator, cuBLAS, compilation), steady state = the mean o
 memory = ``torch.cuda.max_memory_allocated`` over the whole process (model loading included).
 
     # one device call each (a call is at most 10 minutes; a fresh machine rebuilds the assets, ~1.5 min):
-    PYTHONPATH=. python benchmarks/dpo_step.py --runs ours-bf16-compile,ours-bf16-nockpt-compile,trl-bf16 --json a.json
-    PYTHONPATH=. python benchmarks/dpo_step.py --runs ours-nf4-compile,trl-nf4 --json b.json
+    PYTHONPATH=. python benchmarks/dpo_step.py --runs ours-bf16-compile,ours-bf16-nockpt-compile,trl-bf16 \
+        --trl-path <trl 1.16> --json a.json
+    PYTHONPATH=. python benchmarks/dpo_step.py --runs ours-nf4-compile,trl-nf4 --trl-path <trl 1.16> --json b.json
     PYTHONPATH=. python benchmarks/dpo_step.py --tiny --runs ours-bf16,ours-bf16-nocache,trl-bf16   # CPU smoke test
 
 The device machines lack bitsandbytes, trl, datasets (and its dill, multiprocess) and torchdata: carry their
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import string
 import subprocess
 import sys
@@ -342,10 +344,13 @@ def spawn(args, name: str, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--assets", args.assets, "--result", str(out),
            "--steps", str(args.steps), "--precision", args.precision,
            "--nockpt-micro-batch", str(args.nockpt_micro_batch)] + (["--tiny"] if args.tiny else [])
+    env = dict(os.environ)
+    if name.startswith("trl-") and args.trl_path:  # TRL 1.16 beside another TRL the PPO benchmark uses
+        env["PYTHONPATH"] = os.pathsep.join([args.trl_path, env.get("PYTHONPATH", "")])
     print(f"\n=== {name} (timeout {timeout:.0f} s) ===", flush=True)
     t = time.perf_counter()
     try:
-        rc = subprocess.run(cmd, timeout=timeout).returncode
+        rc = subprocess.run(cmd, timeout=timeout, env=env).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
     res = json.loads(out.read_text()) if out.is_file() else {"name": name, "ok": False}
@@ -417,6 +422,7 @@ def main() -> int:
                                                   "present); default: a temporary folder per size")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes and workload (smoke test, CPU is fine)")
     ap.add_argument("--timeouts", default="build=240,ours=240,trl=300", help="per-run time limits (s) by framework")
+    ap.add_argument("--trl-path", default="", help="a folder put first on PYTHONPATH for the TRL runs")
     ap.add_argument("--json", default="", help="write all results here")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--result", default="", help=argparse.SUPPRESS)
