@@ -1,4 +1,5 @@
-"""Checkpoint every N PPO rollouts, and where a run stops.
+"""Checkpoint every N PPO rollouts (N optimizer steps of a stage without rollouts: DPO, the reward
+model), and where a run stops.
 
 Under manual optimization Lightning's ``global_step`` counts optimizer steps — ``ppo_epochs x
 num_minibatches`` per rollout, fewer when the epochs stop early on ``target_approx_kl``, none when
@@ -18,7 +19,8 @@ class RolloutCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that saves every ``every_n_rollouts`` rollouts (and keeps ``last.ckpt``).
 
     Args:
-        every_n_rollouts: Save after every N rollouts; 0 saves only at epoch ends.
+        every_n_rollouts: Save after every N rollouts (training steps of the DPO and reward-model stages);
+            0 saves only at epoch ends.
         filename: Checkpoint file name pattern (``rollout`` is the rollout count).
         save_last: Also keep ``last.ckpt`` (what ``--ckpt_path last`` resumes from).
         auto_insert_metric_name: Prefix metric names in ``filename`` automatically.
@@ -37,7 +39,8 @@ class RolloutCheckpoint(ModelCheckpoint):
         self.every_n_rollouts = every_n_rollouts
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        n = getattr(pl_module, "rollouts_done", batch_idx + 1)
+        done = pl_module.history_done() if hasattr(pl_module, "history_done") else None
+        n = batch_idx + 1 if done is None else done
         # A run that stops here (max_rollouts, max_steps, an early stop) keeps a checkpoint of this
         # rollout: saved at the epoch's end instead, it would resume into the next epoch and skip
         # the rest of this one.

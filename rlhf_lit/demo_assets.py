@@ -63,6 +63,7 @@ __all__ = [
     "demo_prompt_records",
     "write_demo_prompts",
     "demo_corpus",
+    "demo_grammar",
     "corpus_vocabulary",
 ]
 
@@ -156,6 +157,12 @@ class _Grammar:
 
 def _load_grammar() -> _Grammar:
     return _Grammar(json.loads(_GRAMMAR_PATH.read_text(encoding="utf-8")))
+
+
+def demo_grammar():
+    """The demo's template grammar: ``opener(rng) -> (topic, text)`` and
+    ``reply(rng, topic, persona, rude) -> text`` (the synthetic survey of the preference demo uses it)."""
+    return _load_grammar()
 
 
 def _n_words(text: str) -> int:

@@ -1,5 +1,5 @@
-"""Export the trained policy adapter as a plain PEFT LoRA folder, atomically; from a live model
-or from a checkpoint.
+"""Exports, atomically: the trained policy adapter as a plain PEFT LoRA folder, from a live model or
+from a checkpoint; a trained reward model (adapter + scalar head + tokenizer + manifest) as one folder.
 
 The folder holds ``adapter_config.json`` + ``adapter_model.safetensors`` and loads with
 ``PeftModel.from_pretrained(base, folder)``, social-sim's ``model.load_adapter(folder, name)`` and
@@ -232,6 +232,88 @@ def export_for_social_sim(adapter_dir: str | Path, loras_path: str | Path, clust
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained reward model: adapter + scalar head + tokenizer + manifest, one folder
+# ---------------------------------------------------------------------------------------------
+RM_MANIFEST, RM_HEAD, RM_ADAPTER, RM_TOKENIZER = "reward_model.json", "head.safetensors", "adapter", "tokenizer"
+RM_FORMAT, RM_VERSION = "rlhf_lit.reward_model", 1
+RM_REQUIRED = ("format", "version", "base_model", "adapter", "head", "tokenizer", "hidden_size")
+
+
+def export_reward_model(peft_model, adapter_name: str, head, tokenizer, out_dir: str | Path,
+                        manifest: dict) -> Path:
+    """Write a trained reward model as one folder, atomically::
+
+        reward_model.json    the manifest: format, base model, how the score is read, the prompt
+                             template (system prompt), length limits, training summary
+        adapter/             the LoRA adapter, plain PEFT (loads with PeftModel.from_pretrained)
+        head.safetensors     the scalar head on the last hidden state: weight (1, H), bias (1,)
+        tokenizer/           the tokenizer with its chat template
+
+    Args:
+        head: the ``nn.Linear(H, 1)`` scalar head.
+        manifest: at least ``base_model`` (a Hub id, folder or ``builtin:`` name, kept as given);
+            the format fields and file names are added here.
+    Raises:
+        ValueError: ``manifest`` has no ``base_model``.
+    """
+    from safetensors.torch import save_file
+
+    if not manifest.get("base_model"):
+        raise ValueError("the reward model manifest needs 'base_model'")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
+    try:
+        export_adapter(peft_model, adapter_name, staging / RM_ADAPTER, base_model=manifest["base_model"])
+        save_file({"weight": head.weight.detach().float().cpu().contiguous(),
+                   "bias": head.bias.detach().float().cpu().contiguous()}, str(staging / RM_HEAD),
+                  metadata={"format": "pt"})
+        tokenizer.save_pretrained(staging / RM_TOKENIZER)
+        full = {"format": RM_FORMAT, "version": RM_VERSION, **manifest, "adapter": RM_ADAPTER, "head": RM_HEAD,
+                "tokenizer": RM_TOKENIZER, "hidden_size": int(head.weight.shape[1])}
+        (staging / RM_MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
+        for f in staging.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        apply_umask(staging)
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_folder(out_dir.parent)
+    return out_dir
+
+
+def read_reward_model_manifest(folder: str | Path) -> dict:
+    """The manifest of a folder written by :func:`export_reward_model`, checked.
+
+    Raises:
+        FileNotFoundError: no manifest, or a file it names is missing (named).
+        ValueError: not JSON, another format or version, or a missing field (named).
+    """
+    folder = Path(folder).expanduser()
+    path = folder / RM_MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a trained reward model folder: {RM_MANIFEST} is missing "
+                                f"(expected the export of the reward-model stage)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    missing = [k for k in RM_REQUIRED if k not in manifest]
+    if missing:
+        raise ValueError(f"{path}: missing field(s) {missing}")
+    if manifest["format"] != RM_FORMAT or manifest["version"] != RM_VERSION:
+        raise ValueError(f"{path}: format {manifest['format']!r} version {manifest['version']!r}; "
+                         f"expected {RM_FORMAT!r} version {RM_VERSION}")
+    for key in ("adapter", "head", "tokenizer"):
+        if not (folder / manifest[key]).exists():
+            raise FileNotFoundError(f"{path}: '{key}' names {manifest[key]!r}, which is not in {folder}")
+    return manifest
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,8 +41,9 @@ class RunLog:
         with (self.dir / name).open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    def rewind(self, rollouts: int) -> None:
-        """Cut the history back to its first ``rollouts`` rollouts (0: none), on rank 0.
+    def rewind(self, rollouts: int, counter: str = "rollout") -> None:
+        """Cut the history back to its first ``rollouts`` rollouts (0: none), on rank 0; ``counter``
+        is the field that counts them (``train_step`` for a stage without rollouts).
 
         ``metrics.jsonl`` and ``samples.jsonl`` keep their lines with ``rollout <= rollouts`` (a
         torn last line of a killed run is dropped too), rewritten atomically; TensorBoard gets a
@@ -55,7 +56,7 @@ class RunLog:
             if not path.is_file():
                 continue
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            keep = [line for line in lines if _rollout_of(line) is not None and _rollout_of(line) <= rollouts]
+            keep = [line for line in lines if (n := _count_of(line, counter)) is not None and n <= rollouts]
             if len(keep) != len(lines):
                 write_text_atomic(path, "".join(keep))
                 log.info("%s: dropped %d lines past rollout %d (the run resumes from there)", path,
@@ -64,9 +65,11 @@ class RunLog:
         if tb is not None:
             purge_tensorboard_from(tb, rollouts)
 
-    def append_metrics(self, rollout: int, metrics: dict[str, float]) -> None:
+    def append_metrics(self, rollout: int, metrics: dict[str, float], counter: str = "rollout") -> None:
+        """One line of ``metrics.jsonl``: ``{counter: rollout, "step": global_step, **metrics}`` (a stage
+        without rollouts names its own counter, e.g. ``train_step``); non-finite values become null."""
         clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
-        self._append("metrics.jsonl", {"rollout": rollout, "step": self.trainer.global_step, **clean})
+        self._append("metrics.jsonl", {counter: rollout, "step": self.trainer.global_step, **clean})
 
     def samples(self, rollout: int, prompts: Sequence[str], responses: Sequence[str],
                 scores: Sequence[float], n: int) -> None:
@@ -105,10 +108,10 @@ def tensorboard_writer(trainer):
     return None
 
 
-def _rollout_of(line: str) -> Optional[float]:
-    """The ``rollout`` field of a history line, or None for a line that does not parse."""
+def _count_of(line: str, counter: str) -> Optional[float]:
+    """The ``counter`` field of a history line, or None for a line that does not parse."""
     try:
-        value = json.loads(line).get("rollout")
+        value = json.loads(line).get(counter)
     except (ValueError, AttributeError):
         return None
     return float(value) if isinstance(value, (int, float)) else None

@@ -153,3 +153,28 @@ def fast_args(run_dir: Path, *extra: str) -> list[str]:
         "--model.sampling.max_new_tokens=12",
         *extra,
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs for the tiny tokenizer
+# ---------------------------------------------------------------------------------------------
+def write_pairs(path: Path, n: int = 16, seed: int = 0, test: int = 0) -> Path:
+    """``n`` preference pairs of random words, ragged lengths (left padding, unequal responses), a
+    ``meta.score_diff`` on every other pair, the last ``test`` of them in the test split; 2 pairs per thread."""
+    import json
+
+    g = torch.Generator().manual_seed(seed)
+
+    def words(lo: int, hi: int) -> str:
+        k = int(torch.randint(lo, hi, (1,), generator=g))
+        return " ".join(f"w{int(j)}" for j in torch.randint(4, N_WORDS, (k,), generator=g))
+
+    with Path(path).open("w") as f:
+        for i in range(n):
+            meta = {"context_id": f"t{i // 2}", "split": "test" if i >= n - test else "train"}
+            if i % 2:
+                meta["score_diff"] = 0.5 + (i % 3)
+            f.write(json.dumps({"prompt": [{"role": "user", "content": words(2, 7)}],
+                                "chosen": [{"role": "assistant", "content": words(1, 6)}],
+                                "rejected": [{"role": "assistant", "content": words(1, 6)}], "meta": meta}) + "\n")
+    return Path(path)

@@ -38,7 +38,7 @@ def test_fit_help_shows_the_config_fields_docstrings(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--model.ppo.ppo_epochs PPO_EPOCHS Passes over each rollout batch." in out
-    assert "--model.policy.critic {value_head,adapter} The critic." in out
+    assert "--model.policy.critic {value_head,adapter,none} The critic." in out
     assert "--model.sampling.temperature" in out
 
 

@@ -14,12 +14,13 @@ PKG = Path(__file__).resolve().parents[1] / "rlhf_lit"
 LAYERS = [
     ("leaves", ["rlhf_lit", "rlhf_lit.chat", "rlhf_lit.markdown", "rlhf_lit.atomic_files", "rlhf_lit.demo_assets",
                 "rlhf_lit.paths", "rlhf_lit.tokenizer", "rlhf_lit.errors", "rlhf_lit.text_files",
-                "rlhf_lit.run_lock", "rlhf_lit.checkpoint_io"]),
+                "rlhf_lit.run_lock", "rlhf_lit.checkpoint_io", "rlhf_lit.demo_survey"]),
     ("algos", ["rlhf_lit.algos"]),
     ("model", ["rlhf_lit.model"]),
-    ("components", ["rlhf_lit.rollout", "rlhf_lit.rewards", "rlhf_lit.data", "rlhf_lit.export",
-                    "rlhf_lit.run_logging", "rlhf_lit.checkpointing", "rlhf_lit.evaluation", "rlhf_lit.testing",
-                    "rlhf_lit.predictions", "rlhf_lit.run_folder", "rlhf_lit.rollout_limit", "rlhf_lit.interrupts"]),
+    ("components", ["rlhf_lit.rollout", "rlhf_lit.rewards", "rlhf_lit.data", "rlhf_lit.preference_data",
+                    "rlhf_lit.export", "rlhf_lit.run_logging", "rlhf_lit.checkpointing", "rlhf_lit.evaluation",
+                    "rlhf_lit.testing", "rlhf_lit.predictions", "rlhf_lit.run_folder", "rlhf_lit.rollout_limit",
+                    "rlhf_lit.interrupts"]),
     ("stages", ["rlhf_lit.stages"]),
     ("cli", ["rlhf_lit.cli", "rlhf_lit.__main__", "rlhf_lit.console", "rlhf_lit.cli_checks"]),
 ]

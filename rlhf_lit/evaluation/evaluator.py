@@ -1,4 +1,4 @@
-"""The evaluator that ``PPOModule``'s test hooks drive: :class:`TestEvaluator` collects the paired
+"""The evaluator that the policy stages' test hooks drive (``PPOModule``, ``DPOModule``): :class:`TestEvaluator` collects the paired
 RLHF/SFT samples of every test batch in torchmetrics states, and at the end of the test computes
 the report over every rank's samples, writes it (rank 0) and returns the headline metrics.
 
@@ -64,6 +64,10 @@ class TestEvaluator:
         bootstrap_resamples: Resamples of the bootstrap CI on the mean gain.
         confidence: Confidence level of that interval.
         n_examples: Prompts shown per group (highest gain, lowest gain, random) in ``report.md``.
+
+    Attributes:
+        extra: Sections a stage adds to the report (e.g. ``preference``: the DPO stage's held-out
+            pair accuracy and margins), written to ``report.json`` and rendered in ``report.md``.
     """
 
     __test__ = False  # not a pytest class
@@ -79,6 +83,7 @@ class TestEvaluator:
         self.prompt_keys = Int64Cat().to(self.device)
         self.distinct = {a: {n: DistinctN(n).to(self.device) for n in (1, 2)} for a in ADAPTERS}
         self.rows: list[dict[str, Any]] = []
+        self.extra: dict[str, Any] = {}
 
     def _add(self, column: str, values: Tensor) -> None:
         if column not in self.columns:
@@ -141,6 +146,8 @@ class TestEvaluator:
         trainer = module.trainer
         log_dir = run_dir(trainer)  # a broadcast under DDP: every rank reads it exactly once
         report = self.compute()
+        if self.extra:
+            report.update(self.extra)
         rows = _gather_objects(self.rows)
         report["run"] = run_info(module, report, log_dir)
         if report["run"]["policy_is_sft"] and trainer.is_global_zero:
@@ -149,7 +156,8 @@ class TestEvaluator:
         if trainer.is_global_zero and log_dir:
             RunLog(trainer, log_dir).write_test_samples(rows)
             write_report(Path(log_dir), report, rows, n_examples=self.n_examples, seed=self.seed,
-                         writer=tensorboard_writer(trainer), step=module.rollouts_done)
+                         writer=tensorboard_writer(trainer),
+                         step=getattr(module, "rollouts_done", getattr(module, "steps_done", 0)))
         return headline_metrics(report)
 
 
@@ -192,7 +200,8 @@ def run_info(module, report: dict[str, Any], log_dir: Optional[str] = None) -> d
         "policy_adapter": cfg.policy_adapter,
         "checkpoint": str(ckpt) if ckpt else None,
         "algorithm": getattr(module, "algorithm", type(module).__name__),
-        "rollouts_trained": int(getattr(module, "rollouts_done", 0)),
+        "rollouts_trained": int(module.rollouts_done) if hasattr(module, "rollouts_done") else None,
+        "steps_trained": int(module.steps_done) if hasattr(module, "steps_done") else None,
         "reward": f"{type(module.reward).__name__} ({module.reward.name})",
         "eval_rewards": [f"{type(b).__name__} ({b.name})" for b in getattr(module, "eval_rewards", [])],
         "sampling": asdict(sampling) if is_dataclass(sampling) else dict(vars(sampling)),

@@ -148,7 +148,9 @@ def render_markdown(report: dict[str, Any], examples: dict[str, list[dict[str, A
     s = run.get("sampling", {})
     conf = int(round(100 * report["bootstrap"]["confidence"]))
     if run.get("checkpoint"):
-        policy = f"checkpoint `{run['checkpoint']}` (after {run.get('rollouts_trained')} rollouts)"
+        trained = (f"{run['rollouts_trained']} rollouts" if run.get("rollouts_trained") is not None
+                   else f"{run.get('steps_trained')} optimizer steps")
+        policy = f"checkpoint `{run['checkpoint']}` (after {trained})"
     elif run.get("policy_adapter"):
         policy = f"adapter folder `{run['policy_adapter']}`"
         if run.get("policy_adapter_base_model"):
@@ -171,6 +173,7 @@ def render_markdown(report: dict[str, Any], examples: dict[str, list[dict[str, A
     if run.get("policy_is_sft"):
         lines += ["", "> **Warning**: no trained policy was given, so both columns are the SFT adapter. Pass "
                       "`--ckpt_path last` (or a checkpoint) or `--model.policy.policy_adapter=<folder>`."]
+    lines += render_preference(report.get("preference"))
     lines += ["", "## Scores", "",
               "Over the samples each backend could score. p10/p90: 10th/90th percentiles.", "",
               "| score | adapter | mean | std | median | p10 | p90 | n |", "|---|---|---|---|---|---|---|---|"]
@@ -208,6 +211,23 @@ def render_markdown(report: dict[str, Any], examples: dict[str, list[dict[str, A
     return "\n".join(lines)
 
 
+def render_preference(pref: dict[str, Any] | None) -> list[str]:
+    """Lines of the held-out preference-pair section (the DPO stage's ``preference`` figures), or none."""
+    if not pref:
+        return []
+    lines = ["", "## Held-out preference pairs", "",
+             f"{pref.get('pairs')} test pairs. Implicit reward r = beta (log p − log p_ref) of each response "
+             f"(beta {pref.get('beta')}); accuracy: share of pairs where r(chosen) > r(rejected) (ties lose, "
+             f"as in TRL); margin: mean r(chosen) − r(rejected).", "",
+             "| figure | value |", "|---|---|"]
+    for key, label in (("accuracy", "accuracy"), ("margin", "margin, mean"), ("loss", f"{pref.get('loss_type')} loss"),
+                       ("rewards_chosen", "r(chosen), mean"), ("rewards_rejected", "r(rejected), mean"),
+                       ("logps_chosen", "log p(chosen), mean"), ("logps_rejected", "log p(rejected), mean")):
+        if key in pref:
+            lines.append(f"| {label} | {_fmt(pref[key])} |")
+    return lines
+
+
 def render_examples(examples: dict[str, list[dict[str, Any]]]) -> str:
     """Side-by-side SFT / RLHF responses of the picked prompts."""
     out = []
@@ -229,4 +249,4 @@ def render_examples(examples: dict[str, list[dict[str, Any]]]) -> str:
 
 
 
-__all__ = ["histogram_figure", "pick_examples", "render_examples", "render_markdown", "write_report"]
+__all__ = ["histogram_figure", "pick_examples", "render_examples", "render_markdown", "render_preference", "write_report"]

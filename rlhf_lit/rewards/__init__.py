@@ -9,6 +9,7 @@ from .length import LengthPenalty
 from .local_judge import LocalJudge
 from .profanity import Profanity
 from .reward_model import RewardModel
+from .trained_reward_model import TrainedRewardModel
 
 __all__ = [
     "Composite",
@@ -21,4 +22,5 @@ __all__ = [
     "RewardBackend",
     "RewardModel",
     "RewardOutput",
+    "TrainedRewardModel",
 ]

@@ -141,9 +141,9 @@ class AdapterStage(LightningModule):
             apply_optimizer_settings(self.trainer.optimizers[0] if self.trainer.optimizers else None,
                                      self._resume_plan)
         self._run_log = RunLog(self.trainer)
-        done = getattr(self, "rollouts_done", None)  # the stage's count of training batches, as restored
+        done = self.history_done()
         if done is not None:  # history ends where the restored state ends (0 for a fresh run)
-            self._run_log.rewind(int(done))
+            self._run_log.rewind(done, self.history_counter)
 
     def on_train_end(self) -> None:
         self.export_adapter()
@@ -167,6 +167,15 @@ class AdapterStage(LightningModule):
     # ---------------------------------------------------------------------------------------
     # Checkpoints: trained weights + optimizer + stage state + RNG, never the base model
     # ---------------------------------------------------------------------------------------
+    #: The ``metrics.jsonl`` field that counts this stage's training batches (its checkpoints' unit).
+    history_counter = "rollout"
+
+    def history_done(self) -> Optional[int]:
+        """Training batches done, as restored on resume (``metrics.jsonl``'s :attr:`history_counter`);
+        None for a stage that keeps no such count."""
+        done = getattr(self, "rollouts_done", None)
+        return None if done is None else int(done)
+
     def stage_state(self) -> dict[str, Any]:
         """The stage's own state for checkpoints (counters, controllers); picklable."""
         return {}

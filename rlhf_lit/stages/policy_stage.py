@@ -50,6 +50,9 @@ class PolicyStage(AdapterStage):
         seed: Seed of sampling (each data-parallel rank adds its rank).
     """
 
+    #: How the test report labels ``model.reward`` (DPO does not train on it).
+    reward_role = "trained-on reward"
+
     def __init__(
         self,
         policy: PolicyConfig,
@@ -178,7 +181,7 @@ class PolicyStage(AdapterStage):
 
     def on_test_epoch_start(self) -> None:
         # Metrics and report: rlhf_lit/evaluation (torchmetrics states, synced across ranks).
-        self._evaluator = TestEvaluator(f"{self.reward.name} (trained-on reward)", self.device, seed=self.seed)
+        self._evaluator = TestEvaluator(f"{self.reward.name} ({self.reward_role})", self.device, seed=self.seed)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         for k in range(self.eval_samples_per_prompt):

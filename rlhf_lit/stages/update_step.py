@@ -52,16 +52,17 @@ def largest_divisor_within(n: int, cost_each: float, budget: float) -> int:
     return max(fits, default=1)
 
 
-def check_micro_batch_size(micro: MicroBatchSize, minibatch: int, where: str) -> None:
-    """Raises ValueError, naming ``model.ppo.micro_batch_size`` and ``where`` the minibatch size
-    comes from, unless ``micro`` is None, ``auto`` or a positive divisor of ``minibatch``."""
+def check_micro_batch_size(micro: MicroBatchSize, minibatch: int, where: str,
+                           option: str = "model.ppo.micro_batch_size") -> None:
+    """Raises ValueError, naming ``option`` and ``where`` the minibatch size comes from, unless
+    ``micro`` is None, ``auto`` or a positive divisor of ``minibatch``."""
     if micro is None or micro == "auto":
         return
     if isinstance(micro, str):
-        raise ValueError(f"model.ppo.micro_batch_size={micro!r}: expected a positive integer that divides the "
+        raise ValueError(f"{option}={micro!r}: expected a positive integer that divides the "
                          f"minibatch size {minibatch}, 'auto' or null")
     if micro < 1 or minibatch % micro:
-        raise ValueError(f"model.ppo.micro_batch_size={micro} must divide the minibatch size {minibatch} ({where})")
+        raise ValueError(f"{option}={micro} must divide the minibatch size {minibatch} ({where})")
 
 
 class UpdateStep:
