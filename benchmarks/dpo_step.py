@@ -449,20 +449,28 @@ def main() -> int:
     if not results["build"].get("ok"):
         print(json.dumps(results["build"], indent=1))
         return 1
+    w = _w(args.tiny)
+
+    def summarise() -> dict:
+        any_ok = next((r for r in results.values() if r.get("versions")), {})
+        summary = {"date": _dt.date.today().isoformat(), "gpu": any_ok.get("device"),
+                   "versions": any_ok.get("versions"),
+                   "workload": {"pairs_per_step": w.pairs, "prompt_tokens": w.prompt_tokens,
+                                "response_tokens": w.response_tokens, "micro_batch_pairs": w.micro,
+                                "steps": args.steps, "precision": args.precision, "tiny": args.tiny},
+                   "trl_issue_baseline": TRL_ISSUE_BASELINE, "results": results, "table_markdown": table(results),
+                   "ratios": ratios(results)}
+        if args.json:  # after every run, so a call cut short keeps the runs it finished
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+        return summary
+
     for name in runs:
         results[name] = spawn(args, name, limits.get(name.split("-")[0], 600))
         results[name]["tiny"] = args.tiny
-    w = _w(args.tiny)
-    any_ok = next((r for r in results.values() if r.get("versions")), {})
-    summary = {"date": _dt.date.today().isoformat(), "gpu": any_ok.get("device"), "versions": any_ok.get("versions"),
-               "workload": {"pairs_per_step": w.pairs, "prompt_tokens": w.prompt_tokens,
-                            "response_tokens": w.response_tokens, "micro_batch_pairs": w.micro, "steps": args.steps,
-                            "precision": args.precision, "tiny": args.tiny},
-               "trl_issue_baseline": TRL_ISSUE_BASELINE, "results": results, "table_markdown": table(results),
-               "ratios": ratios(results)}
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
+        summary = summarise()
+        print(f"=== {name}: {table({name: results[name]}).splitlines()[-1]}", flush=True)
+    summary = summarise()
     print("\n" + summary["table_markdown"])
     print(json.dumps(summary["ratios"], indent=1))
     return 0

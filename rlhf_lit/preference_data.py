@@ -34,12 +34,14 @@ from torch.utils.data import DataLoader
 from rlhf_lit.algos.rollout_batch import ResponseBatch
 from rlhf_lit.chat import DEFAULT_SYSTEM_PROMPT
 from rlhf_lit.data import SPLITS, TokenizedPrompts, left_pad_collate
+from rlhf_lit.errors import InputFileError
+from rlhf_lit.text_files import iter_lines
 from rlhf_lit.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class PairFileError(ValueError):
+class PairFileError(InputFileError):
     """A preference pair file that cannot be used; the message names the file, line and field."""
 
 
@@ -128,20 +130,23 @@ def read_pair_file(path: str | Path, margin_field: Optional[str] = "score_diff")
         raise PairFileError(f"pair file {str(path)!r} does not exist (expected a JSONL file of preference pairs, "
                             f"e.g. from scripts/build_preference_pairs.py)")
     pairs, seen = [], set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PairFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            pair = parse_pair(obj, where, f"{path.stem}-{lineno}", margin_field)
-            if pair.id in seen:
-                raise PairFileError(f"{where}: duplicate id {pair.id!r}")
-            seen.add(pair.id)
-            pairs.append(pair)
+    try:
+        lines = list(iter_lines(path))  # UTF-8 (a BOM accepted); a bad byte is named by file:line
+    except InputFileError as e:
+        raise PairFileError(str(e)) from None
+    for lineno, line in lines:
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PairFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        pair = parse_pair(obj, where, f"{path.stem}-{lineno}", margin_field)
+        if pair.id in seen:
+            raise PairFileError(f"{where}: duplicate id {pair.id!r}")
+        seen.add(pair.id)
+        pairs.append(pair)
     if not pairs:
         raise PairFileError(f"pair file {str(path)!r} holds no pairs")
     return pairs

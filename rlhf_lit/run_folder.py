@@ -151,7 +151,13 @@ def summary(trainer, module, subcommand: str) -> str:
     if subcommand == "fit":
         rows = _history(folder) if folder else []
         scores = [r.get("objective/scores") for r in rows if isinstance(r.get("objective/scores"), (int, float))]
-        head = f"rlhf_lit: fit done: {getattr(module, 'rollouts_done', len(rows))} rollouts"
+        done = module.history_done() if hasattr(module, "history_done") else None
+        unit = "rollouts" if getattr(module, "history_counter", "rollout") == "rollout" else "optimizer steps"
+        head = f"rlhf_lit: fit done: {len(rows) if done is None else done} {unit}"
+        held_out = [r[k] for r in rows for k in ("validation/rewards/accuracies", "validation/accuracy")
+                    if isinstance(r.get(k), (int, float))]
+        if held_out:  # the pair stages' figure of merit
+            head += f", held-out accuracy {_fmt(held_out[0])} (first) -> {_fmt(held_out[-1])} (last)"
         if scores:
             head += f", objective/scores {_fmt(scores[0])} (first) -> {_fmt(scores[-1])} (last)"
         if rows and rows[-1].get("objective/kl") is not None:

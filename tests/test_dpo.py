@@ -140,6 +140,8 @@ def test_resume_matches_a_straight_run(tmp_path):
     a = run_cli("fit", *_dpo_args(straight, *common))
     run_cli("fit", *_dpo_args(resumed, *common, "--trainer.max_steps=2"))
     assert [m["train_step"] for m in read_metrics(resumed)] == [1, 2]
+    with (resumed / "metrics.jsonl").open("a") as f:  # a step logged after the last checkpoint, then a crash
+        f.write(json.dumps({"train_step": 3, "step": 3, "loss": 9.0}) + "\n")
     b = run_cli("fit", *_dpo_args(resumed, *common), "--ckpt_path=last")
 
     wa = {k: v for k, v in a.model.model.state_dict().items() if PolicyModel.is_trainable_key(k)}
@@ -158,12 +160,15 @@ def test_resume_matches_a_straight_run(tmp_path):
     assert (resumed / FILE_NAME).is_file() and (resumed / "adapter" / "adapter_config.json").is_file()
 
 
-def test_fit_then_test_reports_held_out_pairs_and_names_dpo(tmp_path):
+def test_fit_then_test_reports_held_out_pairs_and_names_dpo(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_cli("fit", *_dpo_args(run_dir, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
                               "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1"))
-    val = [m for m in read_metrics(run_dir) if "validation/rewards/accuracies" in m]
-    assert val and val[-1]["train_step"] == 3
+    lines = read_metrics(run_dir)
+    val = [m for m in lines if "validation/rewards/accuracies" in m]
+    assert len(val) == 1 and val[-1]["train_step"] == 3  # one line per validation, counted in steps
+    assert all("train_step" in m and "rollout" not in m for m in lines)
+    assert "rlhf_lit: fit done: 3 optimizer steps, held-out accuracy" in capsys.readouterr().out
     cli = run_cli("test", *_dpo_args(run_dir, "--trainer.limit_test_batches=2"), "--ckpt_path=last")
     metrics = cli.trainer.callback_metrics
     for key in ("test/rewards/accuracies", "test/rewards/margins", "test/loss", "test/score_rlhf", "test/kl_rlhf"):

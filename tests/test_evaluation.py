@@ -144,7 +144,9 @@ def test_adapter_of_another_base_model_is_refused(tmp_path):
     cfg.hidden_size, cfg.intermediate_size = 2 * cfg.hidden_size, 2 * cfg.intermediate_size
     other = AutoModelForCausalLM.from_config(cfg)
     get_peft_model(other, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "other")
-    with pytest.raises(RuntimeError, match=r"policy_adapter=.*could not be loaded on base_model='builtin:demo' "
+    from rlhf_lit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"policy_adapter=.*could not be loaded on base_model='builtin:demo' "
                                            r"\(an adapter for another base model\?\)"):
         run_cli("test", *fast_args(tmp_path / "run"), f"--model.policy.policy_adapter={tmp_path / 'other'}")
 

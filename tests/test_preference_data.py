@@ -160,6 +160,19 @@ def test_missing_empty_and_duplicate(tmp_path):
         read_pair_file(write(tmp_path / "d.jsonl", [pair(id="a"), pair(id="a", chosen="other")]))
 
 
+def test_encoding_latin1_named_by_line_and_bom_accepted(tmp_path):
+    good = json.dumps(pair(id="a")).encode()
+    latin1 = json.dumps(pair(id="b", chosen="caf\u00e9"), ensure_ascii=False).encode("latin-1")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b"\n" + latin1 + b"\n")
+    with pytest.raises(PairFileError, match="UTF-8") as e:
+        read_pair_file(path)
+    assert f"{path}:2" in str(e.value)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+    assert [p.id for p in read_pair_file(bom)] == ["a"]
+
+
 def test_shipped_demo_pairs_are_what_the_script_builds(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     try:

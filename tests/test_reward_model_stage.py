@@ -176,6 +176,21 @@ def test_manifest_errors_name_the_file_and_field(trained_rm, tmp_path):
         read_reward_model_manifest(copy)
 
 
+def test_a_tokenizer_that_does_not_fit_the_base_is_refused_at_load(trained_rm, tmp_path):
+    from transformers import AutoTokenizer
+
+    from rlhf_lit.errors import ConfigError
+    from rlhf_lit.rewards import TrainedRewardModel
+
+    copy = tmp_path / "rm"
+    shutil.copytree(trained_rm[0] / "reward_model", copy)
+    tok = AutoTokenizer.from_pretrained(copy / "tokenizer")
+    tok.add_tokens([f"<extra_{i}>" for i in range(len(tok) + 1)])  # more ids than any embedding row it had
+    tok.save_pretrained(copy / "tokenizer")
+    with pytest.raises(ConfigError, match=r"TrainedRewardModel .*tokens but the model's embedding"):
+        TrainedRewardModel(path=str(copy)).setup("cpu")
+
+
 def test_resume_matches_a_straight_run(tmp_path):
     """4 optimizer steps straight vs 2 + resume + 2: the same adapter, head and metrics."""
     common = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=4", "--trainer.limit_val_batches=0",

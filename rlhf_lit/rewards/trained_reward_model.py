@@ -20,7 +20,7 @@ from rlhf_lit.algos.rollout_batch import ResponseBatch
 from rlhf_lit.algos.sequence_scores import score_after_last_token, with_trailing_pad
 from rlhf_lit.export import RM_HEAD, read_reward_model_manifest
 from rlhf_lit.model import PolicyConfig, PolicyModel
-from rlhf_lit.tokenizer import load_tokenizer
+from rlhf_lit.tokenizer import load_tokenizer, reconcile_special_tokens
 
 from .base import RewardBackend, RewardOutput
 from .offload import HostOffload
@@ -111,6 +111,9 @@ class TrainedRewardModel(RewardBackend):
             model.value_head.bias.copy_(head["bias"])
         model.requires_grad_(False).eval()
         self._tokenizer = load_tokenizer(str(folder / manifest["tokenizer"]))
+        hf = model.peft.get_base_model()
+        reconcile_special_tokens(self._tokenizer, hf.config, f"TrainedRewardModel {self.name!r} ({str(folder)!r})",
+                                 hf.get_input_embeddings().weight.shape[0])
         self.max_prompt_tokens = self.max_prompt_tokens or manifest.get("max_prompt_tokens") or 1024
         self.max_response_tokens = self.max_response_tokens or manifest.get("max_response_tokens") or 1024
         if offload:

@@ -145,6 +145,16 @@ class AdapterStage(LightningModule):
         if done is not None:  # history ends where the restored state ends (0 for a fresh run)
             self._run_log.rewind(done, self.history_counter)
 
+    def on_validation_end(self) -> None:
+        # metrics.jsonl gets the validation scalars TensorBoard gets (Lightning's epoch means),
+        # beside the training batches they follow.
+        if getattr(self, "_run_log", None) is None or self.trainer.sanity_checking:
+            return
+        values = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("validation/")}
+        if values:
+            done = self.history_done()
+            self._run_log.append_metrics(self.global_step if done is None else done, values, self.history_counter)
+
     def on_train_end(self) -> None:
         self.export_adapter()
 

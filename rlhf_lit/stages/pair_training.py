@@ -3,9 +3,9 @@
 One training step is one optimizer step over a batch of ``data.batch_size`` pairs: the stage's
 :meth:`PairTraining.pair_update` runs it (through the shared :class:`UpdateStep`), and this mixin
 counts the steps (``steps_done``, kept in checkpoints; :class:`~rlhf_lit.checkpointing.RolloutCheckpoint`
-counts them too), logs them to TensorBoard and ``metrics.jsonl`` (``train_step``, then the figures),
-adds each validation's held-out figures to ``metrics.jsonl``, checks the micro-batch size against
-the batch, and exports every ``export_every_n_steps``.
+counts them too), logs them to TensorBoard and ``metrics.jsonl`` (``train_step``, then the figures;
+validation lines get the same counter), checks the micro-batch size against the batch, and exports
+every ``export_every_n_steps``.
 """
 
 from __future__ import annotations
@@ -72,13 +72,6 @@ class PairTraining:
         P, R = batch["input_ids"].shape[1], batch["chosen_ids"].shape[1]
         longest = getattr(dm, "max_prompt_tokens", P) + getattr(dm, "max_response_tokens", R)
         return max(longest / (P + R), 1.0)
-
-    def on_validation_epoch_end(self) -> None:
-        # Held-out figures also go to metrics.jsonl, beside the training steps they follow.
-        if self.trainer.sanity_checking or getattr(self, "_run_log", None) is None:
-            return
-        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("validation/")}
-        self._run_log.append_metrics(self.steps_done, metrics, counter=self.history_counter)
 
     def stage_state(self) -> dict[str, Any]:
         return {"steps_done": self.steps_done}

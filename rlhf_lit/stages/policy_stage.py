@@ -171,14 +171,6 @@ class PolicyStage(AdapterStage):
         self.log("validation/length", r["length"].mean(), batch_size=n, sync_dist=sync)
         self.log("validation/distinct_2", distinct_n(r["texts"], 2), batch_size=n, sync_dist=sync)
 
-    def on_validation_end(self) -> None:
-        # metrics.jsonl gets the validation scalars TensorBoard gets (Lightning's epoch means).
-        if getattr(self, "_run_log", None) is None or self.trainer.sanity_checking:
-            return
-        values = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("validation/")}
-        if values:
-            self._run_log.append_metrics(getattr(self, "rollouts_done", self.global_step), values)
-
     def on_test_epoch_start(self) -> None:
         # Metrics and report: rlhf_lit/evaluation (torchmetrics states, synced across ranks).
         self._evaluator = TestEvaluator(f"{self.reward.name} ({self.reward_role})", self.device, seed=self.seed)
