@@ -19,6 +19,7 @@ any model, from the command line as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from rlhf_lit.atomic_files import apply_umask, fsync_folder
 
@@ -61,6 +62,32 @@ def adapter_config_json(peft_model, adapter_name: str, base_model: Optional[str]
                       sort_keys=True)
 
 
+@contextlib.contextmanager
+def staged_folder(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir`` to write a whole folder into. When the block ends
+    normally its files are ``fsync``-ed, it takes the user's umask (not ``mkdtemp``'s ``0o700``) and
+    replaces ``out_dir`` by renames (:func:`_swap_into_place`); when it raises, it is removed and
+    ``out_dir`` is untouched.
+
+    Raises:
+        OSError: the folder beside ``out_dir`` is not writable (nothing is left behind).
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
+    try:
+        yield staging
+        for f in staging.rglob("*"):
+            if f.is_file():
+                with open(f, "rb+") as fh:
+                    os.fsync(fh.fileno())
+        apply_umask(staging)
+        _swap_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_folder(out_dir.parent)
+
+
 def write_adapter_folder(out_dir: str | Path, config: dict[str, Any], tensors: dict[str, Any]) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (``tensors``: name -> tensor)
     as the folder ``out_dir``, replacing any previous one atomically (see the module docstring).
@@ -71,20 +98,9 @@ def write_adapter_folder(out_dir: str | Path, config: dict[str, Any], tensors: d
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    new = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as new:
         save_file({k: v.contiguous() for k, v in tensors.items()}, new / WEIGHTS, metadata={"format": "pt"})
         (new / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
-        for name in (CONFIG, WEIGHTS):
-            with open(new / name, "rb+") as f:
-                os.fsync(f.fileno())
-        apply_umask(new)
-        _swap_into_place(new, out_dir)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
-    fsync_folder(out_dir.parent)
     return out_dir
 
 
@@ -219,18 +235,9 @@ def export_for_social_sim(adapter_dir: str | Path, loras_path: str | Path, clust
     if config.get("modules_to_save"):
         raise ValueError(f"{src} carries modules_to_save {config['modules_to_save']}: export it with plain_lora=True")
     target = Path(loras_path) / (lora_name_template.format(i=cluster) + suffix)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         for name in (CONFIG, WEIGHTS):
             shutil.copyfile(src / name, staging / name)  # content only: modes come from the umask
-            with open(staging / name, "rb+") as f:
-                os.fsync(f.fileno())
-        apply_umask(staging)
-        _swap_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -264,9 +271,7 @@ def export_reward_model(peft_model, adapter_name: str, head, tokenizer, out_dir:
     if not manifest.get("base_model"):
         raise ValueError("the reward model manifest needs 'base_model'")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         export_adapter(peft_model, adapter_name, staging / RM_ADAPTER, base_model=manifest["base_model"])
         save_file({"weight": head.weight.detach().float().cpu().contiguous(),
                    "bias": head.bias.detach().float().cpu().contiguous()}, str(staging / RM_HEAD),
@@ -275,16 +280,6 @@ def export_reward_model(peft_model, adapter_name: str, head, tokenizer, out_dir:
         full = {"format": RM_FORMAT, "version": RM_VERSION, **manifest, "adapter": RM_ADAPTER, "head": RM_HEAD,
                 "tokenizer": RM_TOKENIZER, "hidden_size": int(head.weight.shape[1])}
         (staging / RM_MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
-        for f in staging.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        apply_umask(staging)
-        _swap_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    fsync_folder(out_dir.parent)
     return out_dir
 
 

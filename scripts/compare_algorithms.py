@@ -37,7 +37,7 @@ def run_one(name: str, seed: int, work: Path) -> dict:
     extra, prompts = ALGORITHMS[name]
     run_dir = work / f"{name.replace('+', 'p')}-seed{seed}"
     metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file() and len(metrics.read_text().splitlines()) == ROLLOUTS:  # finished in an earlier call
+    if metrics.is_file() and len(_rollout_rows(run_dir)) == ROLLOUTS:  # finished in an earlier call
         return _collect(name, seed, run_dir)
     if run_dir.exists():  # an interrupted run: start it again
         import shutil
@@ -57,8 +57,14 @@ def run_one(name: str, seed: int, work: Path) -> dict:
     return _collect(name, seed, run_dir)
 
 
-def _collect(name: str, seed: int, run_dir: Path) -> dict:
+def _rollout_rows(run_dir: Path) -> list[dict]:
+    """The rollout lines of a run's metrics.jsonl (validation lines carry no ``episode``)."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "episode" in r]
+
+
+def _collect(name: str, seed: int, run_dir: Path) -> dict:
+    rows = _rollout_rows(run_dir)
     return {"algorithm": name, "seed": seed, "samples": [r["episode"] for r in rows],
             "scores": [r["objective/scores"] for r in rows], "kl": [r["objective/kl"] for r in rows]}
 
