@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from rlhf_lit.checkpoint_io import AtomicCheckpointIO, DamagedCheckpointError, check_checkpoint
 from rlhf_lit.cli_checks import check_checkpoint_exists, check_config_files
 from rlhf_lit.console import console_callbacks
+from rlhf_lit.errors import RunStateError
 from rlhf_lit.interrupts import InterruptHandling
 from rlhf_lit.paths import tokenizer_path
 from rlhf_lit.rollout_limit import MaxRollouts
@@ -138,7 +139,7 @@ class RLHFCLI(LightningCLI):
             try:
                 check_checkpoint(ckpt_path)
             except DamagedCheckpointError as e:
-                raise SystemExit(f"error: {e}") from None
+                raise RunStateError(str(e)) from None
         super()._parse_ckpt_path()
 
     def _instantiate_trainer(self, config, callbacks):

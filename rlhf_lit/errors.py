@@ -38,6 +38,11 @@ class MissingPathError(UserError, FileNotFoundError):
     """A path given in an option that does not exist; the message names the option and the path."""
 
 
+class RunStateError(UserError):
+    """A run folder or checkpoint that cannot serve the command as given: in use by another run,
+    holding another run, not writable, or a damaged checkpoint; the message names it and what to do."""
+
+
 def debug_enabled() -> bool:
     """Whether ``RLHF_LIT_DEBUG`` asks for tracebacks (any value but ``""``, ``0``, ``false``, ``no``)."""
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from rlhf_lit.atomic_files import apply_umask, fsync_folder
+from rlhf_lit.errors import InputFileError, run_reporting_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         out = Path(args.out) if args.out else run / f"adapter-{ckpt.stem}"
         path = export_checkpoint(ckpt, out)
     except (OSError, ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {e}") from None
+        raise InputFileError(str(e)) from None
     print(f"wrote {path} (from {ckpt})")
     if args.loras_path:
         target = export_for_social_sim(path, args.loras_path, args.cluster, args.template, args.suffix)
@@ -370,4 +371,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    run_reporting_user_errors(main)

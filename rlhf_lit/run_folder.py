@@ -23,6 +23,7 @@ from typing import Any, Optional
 from lightning.pytorch.callbacks import Callback
 
 from rlhf_lit.checkpoint_io import DamagedCheckpointError, check_checkpoint, newest_intact_checkpoint
+from rlhf_lit.errors import RunStateError
 from rlhf_lit.run_lock import RunFolderLock
 
 
@@ -39,7 +40,7 @@ def check_writable(folder: Path, what: str) -> None:
     """Create ``folder`` (and parents) and a file in it, then remove the file.
 
     Raises:
-        SystemExit: naming ``what`` (the option that sets the folder) and the OS error.
+        RunStateError: naming ``what`` (the option that sets the folder) and the OS error.
     """
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -47,7 +48,7 @@ def check_writable(folder: Path, what: str) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise SystemExit(f"error: {what} {folder} is not writable ({e.strerror or e}); "
+        raise RunStateError(f"{what} {folder} is not writable ({e.strerror or e}); "
                          f"choose a folder this user can write to") from None
 
 
@@ -55,7 +56,7 @@ def check_start(trainer, subcommand: str, ckpt_path: Optional[str], output_dir: 
     """The checks of the module docstring, run by the CLI before the model is built.
 
     Raises:
-        SystemExit: a folder is not writable, a fresh ``fit`` in a folder with checkpoints, or
+        RunStateError: a folder is not writable, a fresh ``fit`` in a folder with checkpoints, or
             ``--ckpt_path last`` with only other checkpoints left.
             Also for a damaged checkpoint to resume from, naming the last good one.
     """
@@ -72,8 +73,8 @@ def check_start(trainer, subcommand: str, ckpt_path: Optional[str], output_dir: 
             for folder in folders:
                 found = sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name))
                 if found:
-                    raise SystemExit(
-                        f"error: {found[0]} exists: this run folder already holds a run. Resume it with "
+                    raise RunStateError(
+                        f"{found[0]} exists: this run folder already holds a run. Resume it with "
                         f"'--ckpt_path last', or start a new run in another folder "
                         f"(--trainer.logger.init_args.save_dir=...)."
                     )
@@ -84,8 +85,8 @@ def check_start(trainer, subcommand: str, ckpt_path: Optional[str], output_dir: 
         else:
             others = [good for good in (newest_intact_checkpoint(f) for f in folders) if good is not None]
             if others:
-                raise SystemExit(
-                    f"error: --ckpt_path last: there is no last.ckpt in {others[0].parent}, but {others[0]} is "
+                raise RunStateError(
+                    f"--ckpt_path last: there is no last.ckpt in {others[0].parent}, but {others[0]} is "
                     f"there; resume from it with --ckpt_path {others[0]} (starting over would discard its run)."
                 )
     elif ckpt_path and ckpt_path not in ("best", "hpc") and Path(ckpt_path).is_file():
@@ -96,7 +97,7 @@ def _check_intact(path: Path) -> None:
     try:
         check_checkpoint(path)
     except DamagedCheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise RunStateError(str(e)) from None
 
 
 class RunFolderGuard(Callback):
@@ -110,13 +111,13 @@ class RunFolderGuard(Callback):
         self.lock = RunFolderLock(folder, "fit")
 
     def acquire(self) -> None:
-        """Raises SystemExit with the lock's message when another process holds it."""
+        """Raises RunStateError with the lock's message when another process holds it."""
         from rlhf_lit.run_lock import RunFolderBusy
 
         try:
             self.lock.acquire()
         except RunFolderBusy as e:
-            raise SystemExit(f"error: {e}") from None
+            raise RunStateError(str(e)) from None
 
     def release(self) -> None:
         self.lock.release()

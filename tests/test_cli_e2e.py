@@ -126,7 +126,9 @@ def test_test_subcommand_compares_rlhf_and_sft(trained_run):
 
 def test_fresh_fit_refuses_to_overwrite_a_run(trained_run):
     run_dir, _ = trained_run
-    with pytest.raises(SystemExit, match="--ckpt_path last"):
+    from rlhf_lit.errors import RunStateError
+
+    with pytest.raises(RunStateError, match="--ckpt_path last"):
         run_cli("fit", *fast_args(run_dir, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"))
 
 

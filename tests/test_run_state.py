@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from helpers import ROOT, fast_args, run_cli
+from rlhf_lit.errors import RunStateError
 
 BASE = ["--trainer.max_epochs=1", "--trainer.limit_val_batches=0", "--trainer.callbacks.init_args.every_n_rollouts=2",
         "--trainer.callbacks.init_args.save_top_k=-1"]
@@ -93,8 +94,16 @@ def test_second_fit_in_a_busy_folder_refuses_at_start(tmp_path):
     run_dir = tmp_path / "run"
     holder = _hold_lock(run_dir)  # another fit is running there
     try:
-        with pytest.raises(SystemExit, match=rf"{run_dir} is in use by another rlhf_lit process \(pid {holder.pid}"):
+        with pytest.raises(RunStateError, match=rf"{run_dir} is in use by another rlhf_lit process \(pid {holder.pid}"):
             run_cli("fit", *fast_args(run_dir, *BASE, "--trainer.limit_train_batches=1"))
+        # From the command line: the message alone, exit status 2 like every error in what the user gave.
+        proc = subprocess.run([sys.executable, "-m", "rlhf_lit", "fit",
+                               *fast_args(run_dir, *BASE, "--trainer.limit_train_batches=1")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "error: " in proc.stderr and "is in use by another rlhf_lit process" in proc.stderr
+        assert "Traceback" not in proc.stderr
     finally:
         holder.kill()
         holder.wait()
@@ -136,7 +145,7 @@ def test_damaged_last_checkpoint_names_the_last_good_one(run_copy, damage):
     last.write_bytes(data[:114_688] if damage == "truncated" else b"")
     good = run_copy / "checkpoints" / "rollout-2.ckpt"
     for ckpt in ("last", str(last)):
-        with pytest.raises(SystemExit) as e:
+        with pytest.raises(RunStateError) as e:
             run_cli("fit", *fast_args(run_copy, *BASE, "--trainer.limit_train_batches=4"), f"--ckpt_path={ckpt}")
         msg = str(e.value)
         assert f"the checkpoint {last} is damaged" in msg and f"--ckpt_path {good}" in msg, msg
@@ -157,9 +166,9 @@ def test_fit_writes_checkpoints_through_the_atomic_plugin(run_copy):
 
 def test_fresh_fit_refuses_a_folder_with_any_checkpoint(run_copy):
     (run_copy / "checkpoints" / "last.ckpt").unlink()  # only rollout-2.ckpt left
-    with pytest.raises(SystemExit, match=r"rollout-2\.ckpt exists: this run folder already holds a run"):
+    with pytest.raises(RunStateError, match=r"rollout-2\.ckpt exists: this run folder already holds a run"):
         run_cli("fit", *fast_args(run_copy, *BASE, "--trainer.limit_train_batches=1"))
-    with pytest.raises(SystemExit, match=r"no last\.ckpt .* resume from it with --ckpt_path .*rollout-2\.ckpt"):
+    with pytest.raises(RunStateError, match=r"no last\.ckpt .* resume from it with --ckpt_path .*rollout-2\.ckpt"):
         run_cli("fit", *fast_args(run_copy, *BASE, "--trainer.limit_train_batches=1"), "--ckpt_path=last")
 
 
@@ -253,7 +262,7 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     run_dir = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"the folder of model\.output_dir .*a_file is not writable"):
+    with pytest.raises(RunStateError, match=r"the folder of model\.output_dir .*a_file is not writable"):
         run_cli("fit", *fast_args(run_dir, *BASE, "--trainer.limit_train_batches=1",
                                   f"--model.output_dir={blocker / 'adapter'}"))
     assert not (run_dir / "metrics.jsonl").exists()
