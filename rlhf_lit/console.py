@@ -110,8 +110,9 @@ class ConsoleLines(Callback):
         parts = [f"{k.split('/', 1)[1]} {float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items())
                  if k.startswith("validation/")]
         if parts:
-            rollouts = getattr(pl_module, "rollouts_done", trainer.global_step)
-            log.info("validation after rollout %s: %s", rollouts, ", ".join(parts))
+            done = pl_module.history_done() if hasattr(pl_module, "history_done") else None
+            unit = getattr(pl_module, "history_counter", "rollout").replace("train_step", "optimizer step")
+            log.info("validation after %s %s: %s", unit, trainer.global_step if done is None else done, ", ".join(parts))
 
 
 def console_callbacks(trainer_config: dict[str, Any]) -> list[Callback]:

@@ -69,7 +69,7 @@ def read_prompt_file(path: str | Path) -> list[PromptRecord]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PromptFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise PromptFileError(f"{where}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise PromptFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             records.append(_parse_record(obj, where, default_id=f"{path.stem}-{lineno}"))

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from rlhf_lit.algos.rollout_batch import ResponseBatch
 from rlhf_lit.chat import DEFAULT_SYSTEM_PROMPT
 from rlhf_lit.data import SPLITS, TokenizedPrompts, left_pad_collate
-from rlhf_lit.errors import InputFileError
+from rlhf_lit.errors import ConfigError, InputFileError
 from rlhf_lit.text_files import iter_lines
 from rlhf_lit.tokenizer import load_tokenizer
 
@@ -141,7 +141,7 @@ def read_pair_file(path: str | Path, margin_field: Optional[str] = "score_diff")
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise PairFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise PairFileError(f"{where}: not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
         pair = parse_pair(obj, where, f"{path.stem}-{lineno}", margin_field)
         if pair.id in seen:
             raise PairFileError(f"{where}: duplicate id {pair.id!r}")
@@ -271,13 +271,13 @@ class PreferenceDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
         if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-            raise ValueError("data.val_fraction and data.test_fraction must be in [0, 1) and sum to less than 1")
+            raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum to less than 1")
         if max_prompt_tokens < 1 or max_response_tokens < 2:
-            raise ValueError("data.max_prompt_tokens must be >= 1 and data.max_response_tokens >= 2 (text + EOS)")
+            raise ConfigError("data.max_prompt_tokens must be >= 1 and data.max_response_tokens >= 2 (text + EOS)")
         if long_pairs not in ("drop", "error"):
-            raise ValueError(f"data.long_pairs={long_pairs!r}: expected 'drop' or 'error'")
+            raise ConfigError(f"data.long_pairs={long_pairs!r}: expected 'drop' or 'error'")
         self.pair_file, self.val_file, self.test_file = pair_file, val_file, test_file
         self.tokenizer_name = tokenizer
         self.system_prompt, self.chat_template = system_prompt, chat_template

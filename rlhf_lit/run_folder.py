@@ -14,6 +14,7 @@ summarised at the end.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -25,6 +26,8 @@ from lightning.pytorch.callbacks import Callback
 from rlhf_lit.checkpoint_io import DamagedCheckpointError, check_checkpoint, newest_intact_checkpoint
 from rlhf_lit.errors import RunStateError
 from rlhf_lit.run_lock import RunFolderLock
+
+log = logging.getLogger(__name__)
 
 
 def run_folder(trainer) -> Optional[Path]:
@@ -84,6 +87,9 @@ def check_start(trainer, subcommand: str, ckpt_path: Optional[str], output_dir: 
             _check_intact(max(lasts, key=lambda p: p.stat().st_mtime))
         else:
             others = [good for good in (newest_intact_checkpoint(f) for f in folders) if good is not None]
+            if not others and subcommand == "fit":  # Lightning only warns, with an unrelated hint
+                log.warning("--ckpt_path last: no checkpoint in %s: this fit starts a new run",
+                            ", ".join(str(f) for f in folders) or "the run folder")
             if others:
                 raise RunStateError(
                     f"--ckpt_path last: there is no last.ckpt in {others[0].parent}, but {others[0]} is "

@@ -59,8 +59,8 @@ class RunLog:
             keep = [line for line in lines if (n := _count_of(line, counter)) is not None and n <= rollouts]
             if len(keep) != len(lines):
                 write_text_atomic(path, "".join(keep))
-                log.info("%s: dropped %d lines past rollout %d (the run resumes from there)", path,
-                         len(lines) - len(keep), rollouts)
+                log.info("%s: dropped %d lines past %s %d (the run resumes from there)", path,
+                         len(lines) - len(keep), counter.replace("_", " "), rollouts)
         tb = tensorboard_writer(self.trainer)
         if tb is not None:
             purge_tensorboard_from(tb, rollouts)

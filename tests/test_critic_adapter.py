@@ -242,13 +242,15 @@ def test_ppo_step_trains_both_adapters_and_the_checkpoint_fits_only_its_kind(tmp
         m.model = PolicyModel(m.policy_config, torch.device("cpu"))
         return m
 
+    from rlhf_lit.errors import ConfigError
+
     module("adapter").on_load_checkpoint(ckpt)
-    with pytest.raises(RuntimeError, match="unexpected") as e:
+    with pytest.raises(ConfigError, match="unexpected") as e:
         module("value_head").on_load_checkpoint(ckpt)
     assert "critic='adapter'" in str(e.value) and "critic='value_head'" in str(e.value)
     head_only = {"state_dict": {k: v for k, v in ckpt["state_dict"].items() if f".{CRITIC}." not in k},
                  "rlhf_lit": {**ckpt["rlhf_lit"], "critic": "value_head"}}
     module("value_head").on_load_checkpoint(head_only)
-    with pytest.raises(RuntimeError, match="missing") as e:
+    with pytest.raises(ConfigError, match="missing") as e:
         module("adapter").on_load_checkpoint(head_only)
     assert "critic='value_head'" in str(e.value) and "critic='adapter'" in str(e.value)

@@ -176,6 +176,21 @@ def test_manifest_errors_name_the_file_and_field(trained_rm, tmp_path):
         read_reward_model_manifest(copy)
 
 
+def test_the_backend_checks_its_folder_when_built(trained_rm, tmp_path):
+    from rlhf_lit.errors import InputFileError, MissingPathError
+    from rlhf_lit.rewards import TrainedRewardModel
+
+    with pytest.raises(MissingPathError, match=r"path='.*nope' is not a folder \(expected the 'reward_model' folder"):
+        TrainedRewardModel(path=str(tmp_path / "nope"))
+    with pytest.raises(InputFileError, match=r"reward_model\.json is missing"):
+        TrainedRewardModel(path=str(trained_rm[0]))  # the run folder, not its reward_model/
+    copy = tmp_path / "rm"
+    shutil.copytree(trained_rm[0] / "reward_model", copy)
+    (copy / "head.safetensors").unlink()
+    with pytest.raises(InputFileError, match=r"TrainedRewardModel .*'head' names 'head.safetensors'"):
+        TrainedRewardModel(path=str(copy))
+
+
 def test_a_tokenizer_that_does_not_fit_the_base_is_refused_at_load(trained_rm, tmp_path):
     from transformers import AutoTokenizer
 

@@ -368,3 +368,13 @@ def test_predict_writes_the_adapters_responses(finished_run, capsys):
     for r in rows:
         if r["sample"] == 0:
             assert r["response"] == tested[r["id"]]["rlhf_texts"] and r["prompt"] == tested[r["id"]]["prompt"]
+
+
+def test_fit_ckpt_path_last_without_a_checkpoint_says_it_starts_anew(tmp_path, caplog):
+    import logging
+
+    run_dir = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="rlhf_lit"):
+        run_cli("fit", *fast_args(run_dir, *BASE, "--trainer.limit_train_batches=1"), "--ckpt_path=last")
+    assert "--ckpt_path last: no checkpoint in" in caplog.text and "this fit starts a new run" in caplog.text
+    assert [m["rollout"] for m in history(run_dir)] == [1]

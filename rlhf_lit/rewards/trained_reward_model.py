@@ -20,6 +20,7 @@ from rlhf_lit.algos.rollout_batch import ResponseBatch
 from rlhf_lit.algos.sequence_scores import score_after_last_token, with_trailing_pad
 from rlhf_lit.export import RM_HEAD, read_reward_model_manifest
 from rlhf_lit.model import PolicyConfig, PolicyModel
+from rlhf_lit.errors import ConfigError, InputFileError, MissingPathError, UserError
 from rlhf_lit.tokenizer import load_tokenizer, reconcile_special_tokens
 
 from .base import RewardBackend, RewardOutput
@@ -67,8 +68,17 @@ class TrainedRewardModel(RewardBackend):
     ) -> None:
         super().__init__(**kwargs)
         if int(batch_size) < 1:
-            raise ValueError(f"TrainedRewardModel {self.name!r}: batch_size must be >= 1, got {batch_size}")
+            raise ConfigError(f"TrainedRewardModel {self.name!r}: batch_size must be >= 1, got {batch_size}")
         self.path = path
+        # Checked here, when the CLI builds the backend: before the policy's model loads.
+        folder = Path(path).expanduser()
+        if not folder.is_dir():
+            raise MissingPathError(f"TrainedRewardModel {self.name!r}: path={path!r} is not a folder (expected the "
+                                   f"'reward_model' folder a reward-model run exports: <its model.output_dir>)")
+        try:
+            read_reward_model_manifest(folder)
+        except (OSError, ValueError) as e:
+            raise InputFileError(f"TrainedRewardModel {self.name!r} (path={path!r}): {e}") from None
         self.base_model, self.quantization, self.dtype = base_model, quantization, dtype
         self.attn_implementation = attn_implementation
         self.batch_size = int(batch_size)
@@ -101,10 +111,14 @@ class TrainedRewardModel(RewardBackend):
             base_model=self.base_model or manifest["base_model"], sft_adapter=None,
             policy_adapter=str(folder / manifest["adapter"]), quantization=self.quantization, dtype=dtype,
             attn_implementation=self.attn_implementation, critic="value_head", revision=manifest.get("revision"))
-        model = PolicyModel(config, load_on)
+        try:
+            model = PolicyModel(config, load_on)
+        except UserError as e:  # its messages name model.policy.*: here they are this backend's
+            raise ConfigError(f"TrainedRewardModel {self.name!r} ({str(folder)!r}, base_model={config.base_model!r} "
+                              f"from {'base_model' if self.base_model else 'its manifest'}): {e}") from None
         head = load_file(str(folder / manifest["head"]))
         if tuple(head["weight"].shape) != tuple(model.value_head.weight.shape):
-            raise ValueError(f"{folder / RM_HEAD}: a head for hidden size {tuple(head['weight'].shape)[1]}, but "
+            raise InputFileError(f"{folder / RM_HEAD}: a head for hidden size {tuple(head['weight'].shape)[1]}, but "
                              f"base_model={config.base_model!r} has {model.value_head.weight.shape[1]}")
         with torch.no_grad():
             model.value_head.weight.copy_(head["weight"])

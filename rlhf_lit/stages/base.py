@@ -30,6 +30,7 @@ from rlhf_lit.paths import check_adapter_path, check_model_path, tokenizer_path
 from rlhf_lit.run_logging import RunLog, run_dir
 from rlhf_lit.stages.resume import ResumePlan, apply_optimizer_settings, plan_resume
 from rlhf_lit.tokenizer import load_tokenizer, reconcile_special_tokens
+from rlhf_lit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +245,8 @@ class AdapterStage(LightningModule):
                  f"critic={meta.get('critic', 'value_head')!r}")
         if missing or wrong or unexpected:
             example = (missing or wrong or unexpected)[0]
-            raise RuntimeError(
-                f"this checkpoint does not fit the configured model ({len(missing)} trained tensors missing, "
+            raise ConfigError(
+                f"this checkpoint does not fit the configured model (a checkpoint of another stage or run? {len(missing)} trained tensors missing, "
                 f"{len(wrong)} of another shape, {len(unexpected)} unexpected, e.g. {example!r}); it was "
                 f"written for {where}, the config "
                 f"has base_model={self.policy_config.base_model!r}, sft_adapter={self.policy_config.sft_adapter!r}, "

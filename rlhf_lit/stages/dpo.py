@@ -37,6 +37,7 @@ from rlhf_lit.stages.pair_training import PairTraining
 from rlhf_lit.stages.policy_stage import PolicyStage
 from rlhf_lit.stages.reference_cache import FILE_NAME, ReferenceCache
 from rlhf_lit.stages.update_step import UpdateStep
+from rlhf_lit.errors import ConfigError
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -67,7 +68,10 @@ class DPOConfig:
     """Clip gradients to this global norm (None: no clipping; the norm is logged either way)."""
 
     def __post_init__(self) -> None:
-        check_dpo_options(self.loss_type, self.beta, self.label_smoothing)
+        try:
+            check_dpo_options(self.loss_type, self.beta, self.label_smoothing)
+        except ValueError as e:  # the maths layer's message names the option; the CLI shows it alone
+            raise ConfigError(str(e)) from None
 
 
 class DPOModule(PairTraining, PolicyStage):
@@ -113,9 +117,9 @@ class DPOModule(PairTraining, PolicyStage):
         super().__init__(policy, reward, sampling, eval_sampling, rollout_engine, optimizer, lr_scheduler,
                          output_dir, eval_samples_per_prompt, eval_rewards, extra_stop_tokens, seed)
         if policy.critic == "adapter":
-            raise ValueError("model.policy.critic='adapter' trains a critic adapter DPO never uses: set 'none'")
+            raise ConfigError("model.policy.critic='adapter' trains a critic adapter DPO never uses: set 'none'")
         if policy.sft_adapter is None:
-            raise ValueError("model.policy.sft_adapter is required: DPO trains the SFT adapter against a frozen copy "
+            raise ConfigError("model.policy.sft_adapter is required: DPO trains the SFT adapter against a frozen copy "
                              "of it (without one, the reference would be the bare base model)")
         self.dpo = dpo
         self.export_every_n_steps = export_every_n_steps

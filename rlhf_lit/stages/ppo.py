@@ -48,6 +48,7 @@ from rlhf_lit.stages.policy_stage import PolicyStage
 from rlhf_lit.stages.ppo_config import PPOConfig
 from rlhf_lit.stages.unscored import UnscoredRollouts
 from rlhf_lit.stages.update_step import UpdateStep, check_micro_batch_size
+from rlhf_lit.errors import ConfigError
 
 
 class PPOModule(PolicyStage):
@@ -117,7 +118,7 @@ class PPOModule(PolicyStage):
     def _check_critic(self) -> None:
         name, critic = self.advantage_estimator.name, self.policy_config.critic
         if self.advantage_estimator.needs_critic and critic == "none":
-            raise ValueError(f"model.ppo.adv_estimator={name!r} needs a critic, but model.policy.critic is 'none': "
+            raise ConfigError(f"model.ppo.adv_estimator={name!r} needs a critic, but model.policy.critic is 'none': "
                              f"use 'value_head' or 'adapter', or a critic-free estimator (grpo, rloo, ...)")
         if not self.advantage_estimator.needs_critic and critic != "none":
             log.warning("model.ppo.adv_estimator=%r uses no critic, but model.policy.critic=%r trains one: set "
@@ -127,7 +128,7 @@ class PPOModule(PolicyStage):
         """The minibatch size in responses; each minibatch holds whole groups of a prompt's responses."""
         B, n, k = self.rollout_batch_size, self.ppo.samples_per_prompt, self.ppo.num_minibatches
         if B % k:
-            raise ValueError(f"data.batch_size={B} is not divisible by model.ppo.num_minibatches={k}"
+            raise ConfigError(f"data.batch_size={B} is not divisible by model.ppo.num_minibatches={k}"
                              + (" (minibatches hold whole groups of samples_per_prompt responses)" if n > 1 else ""))
         check_micro_batch_size(self.ppo.micro_batch_size, B * n // k,
                                f"= data.batch_size {B} x samples_per_prompt {n} / num_minibatches {k}")

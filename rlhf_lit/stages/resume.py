@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from rlhf_lit.errors import ConfigError
+
 #: Settings that cannot change on resume, and why.
 REFUSED = {
     "model.seed": "the checkpoint restores the random state so that a resumed run continues exactly; "
@@ -38,7 +40,7 @@ REFUSED = {
 _NOT_SETTINGS = {"params", "initial_lr"}
 
 
-class ResumeRefused(ValueError):
+class ResumeRefused(ConfigError):
     """A setting given on resume cannot apply to the restored state."""
 
 

@@ -37,6 +37,7 @@ from rlhf_lit.run_logging import run_dir
 from rlhf_lit.stages.base import AdapterStage, default_optimizer
 from rlhf_lit.stages.pair_training import PairTraining
 from rlhf_lit.stages.update_step import UpdateStep
+from rlhf_lit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class RewardModelConfig:
 
     def __post_init__(self) -> None:
         if self.margin_scale < 0 or self.center_rewards_coefficient < 0:
-            raise ValueError("model.rm.margin_scale and model.rm.center_rewards_coefficient must be >= 0")
+            raise ConfigError("model.rm.margin_scale and model.rm.center_rewards_coefficient must be >= 0")
 
 
 class RewardModelModule(PairTraining, AdapterStage):
@@ -92,7 +93,7 @@ class RewardModelModule(PairTraining, AdapterStage):
     ) -> None:
         super().__init__(policy, optimizer, lr_scheduler, output_dir, seed)
         if policy.critic != "value_head":
-            raise ValueError(f"model.policy.critic={policy.critic!r}: the reward model is the adapter plus the value "
+            raise ConfigError(f"model.policy.critic={policy.critic!r}: the reward model is the adapter plus the value "
                              f"head on its hidden states; set 'value_head'")
         self.rm = rm
         self.export_every_n_steps = export_every_n_steps

@@ -33,6 +33,8 @@ from typing import Callable, Iterable, Iterator, Literal, Optional, Union
 import torch
 from torch import Tensor
 
+from rlhf_lit.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MicroBatchSize = Union[int, Literal["auto"], None]
@@ -59,10 +61,10 @@ def check_micro_batch_size(micro: MicroBatchSize, minibatch: int, where: str,
     if micro is None or micro == "auto":
         return
     if isinstance(micro, str):
-        raise ValueError(f"{option}={micro!r}: expected a positive integer that divides the "
+        raise ConfigError(f"{option}={micro!r}: expected a positive integer that divides the "
                          f"minibatch size {minibatch}, 'auto' or null")
     if micro < 1 or minibatch % micro:
-        raise ValueError(f"{option}={micro} must divide the minibatch size {minibatch} ({where})")
+        raise ConfigError(f"{option}={micro} must divide the minibatch size {minibatch} ({where})")
 
 
 class UpdateStep:
