@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from rlhf_lit.atomic_files import apply_umask, fsync_folder
-from rlhf_lit.errors import InputFileError, run_reporting_user_errors
+from rlhf_lit.errors import ConfigError, InputFileError, run_reporting_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,32 @@ def adapter_config_json(peft_model, adapter_name: str, base_model: Optional[str]
                       sort_keys=True)
 
 
+#: The files that mark a folder as an export this module may replace (an adapter, a reward model).
+EXPORT_MARKERS = (CONFIG, "reward_model.json")
+
+
+def check_replaceable(out_dir: str | Path, option: str = "the export folder") -> None:
+    """Refuse to replace anything but an earlier export: ``out_dir`` may be absent, an empty folder,
+    or a folder holding ``adapter_config.json`` or ``reward_model.json``. A file, or a folder of other
+    things (a run folder, a parent of runs), is never deleted to make room for an adapter.
+
+    Raises:
+        ConfigError: naming ``option``, the path and what it holds.
+    """
+    out_dir = Path(out_dir).expanduser()
+    if not out_dir.exists() and not out_dir.is_symlink():
+        return
+    if not out_dir.is_dir():
+        raise ConfigError(f"{option}={str(out_dir)!r} is a file, not a folder: an export writes a folder there and "
+                          f"would delete it; choose a new folder name")
+    content = sorted(p.name for p in out_dir.iterdir())
+    if content and not any(m in content for m in EXPORT_MARKERS):
+        shown = ", ".join(content[:5]) + (", ..." if len(content) > 5 else "")
+        raise ConfigError(f"{option}={str(out_dir)!r} holds {len(content)} {'entry' if len(content) == 1 else 'entries'} that are not an export ({shown}): "
+                          f"an export replaces its whole folder, so it writes only into a new folder, an empty one "
+                          f"or an earlier export (one with {' or '.join(EXPORT_MARKERS)}); choose another folder")
+
+
 @contextlib.contextmanager
 def staged_folder(out_dir: Path) -> Iterator[Path]:
     """A temporary folder beside ``out_dir`` to write a whole folder into. When the block ends
@@ -72,7 +98,9 @@ def staged_folder(out_dir: Path) -> Iterator[Path]:
 
     Raises:
         OSError: the folder beside ``out_dir`` is not writable (nothing is left behind).
+        ConfigError: ``out_dir`` is something other than an earlier export (:func:`check_replaceable`).
     """
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
     try:

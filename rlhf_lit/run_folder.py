@@ -25,6 +25,7 @@ from lightning.pytorch.callbacks import Callback
 
 from rlhf_lit.checkpoint_io import DamagedCheckpointError, check_checkpoint, newest_intact_checkpoint
 from rlhf_lit.errors import RunStateError
+from rlhf_lit.export import check_replaceable
 from rlhf_lit.run_lock import RunFolderLock
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def check_start(trainer, subcommand: str, ckpt_path: Optional[str], output_dir: 
         for folder in folders:
             check_writable(folder, "the checkpoint folder")
         if output_dir:  # the export writes beside its target, then renames it into place
+            check_replaceable(output_dir, "model.output_dir")
             check_writable(Path(output_dir).expanduser().resolve().parent, "the folder of model.output_dir")
         if ckpt_path is None:
             for folder in folders:

@@ -378,3 +378,25 @@ def test_fit_ckpt_path_last_without_a_checkpoint_says_it_starts_anew(tmp_path, c
         run_cli("fit", *fast_args(run_dir, *BASE, "--trainer.limit_train_batches=1"), "--ckpt_path=last")
     assert "--ckpt_path last: no checkpoint in" in caplog.text and "this fit starts a new run" in caplog.text
     assert [m["rollout"] for m in history(run_dir)] == [1]
+
+
+def test_an_export_never_replaces_what_is_not_an_export(tmp_path):
+    from rlhf_lit.errors import ConfigError
+    from rlhf_lit.export import check_replaceable, write_adapter_folder
+
+    parent = tmp_path / "runs"
+    (parent / "other_run").mkdir(parents=True)
+    (parent / "other_run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"model\.output_dir=.*runs' holds 2 entries that are not an export \(other_run, run\)"):
+        run_cli("fit", *fast_args(parent / "run", *BASE, "--trainer.limit_train_batches=1"),
+                f"--model.output_dir={parent}")
+    assert (parent / "other_run" / "metrics.jsonl").read_text() == "{}\n"  # refused at start: nothing touched
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        write_adapter_folder(a_file, {"peft_type": "LORA"}, {})
+    assert a_file.read_text() == "keep me" and not list(tmp_path.glob(".a_file*"))
+    adapter = write_adapter_folder(tmp_path / "adapter", {"peft_type": "LORA"}, {})
+    check_replaceable(adapter)  # an earlier export is replaced; so is an empty folder
+    (tmp_path / "empty").mkdir()
+    check_replaceable(tmp_path / "empty")
