@@ -111,8 +111,9 @@ class RLHFCLI(LightningCLI):
         self._summarise()
 
     def _summarise(self) -> None:
+        folder = run_folder(self.trainer)  # a broadcast under DDP: every rank asks, rank 0 prints
         if self.trainer.is_global_zero:
-            print(summary(self.trainer, self.model, self.subcommand), flush=True)
+            print(summary(self.trainer, self.model, self.subcommand, folder), flush=True)
 
     after_test = after_validate = after_predict = _summarise
 

@@ -151,9 +151,11 @@ def _fmt(x: Any) -> str:
     return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x:.4g}"
 
 
-def summary(trainer, module, subcommand: str) -> str:
-    """A few lines for the end of ``fit``/``test``/``predict``: the files a user looks for next."""
-    folder = run_folder(trainer)
+def summary(trainer, module, subcommand: str, folder: Optional[Path] = None) -> str:
+    """A few lines for the end of ``fit``/``test``/``predict``: the files a user looks for next.
+    ``folder``: the run folder, when the caller has it (reading it is a collective under DDP);
+    None reads it here."""
+    folder = folder if folder is not None else run_folder(trainer)
     lines = []
     if subcommand == "fit":
         rows = _history(folder) if folder else []
