@@ -219,10 +219,14 @@ class UpdateStep:
 
     # ------------------------------------------------------------------------------------------
     def _no_backward_sync(self):
-        """Keep DDP's backward hooks out: an update makes many backward passes per DDP forward,
-        which its reducer does not expect. Gradients are reduced explicitly instead."""
+        """Keep DDP's backward hooks out, whatever the number of ranks (one included): an update
+        makes many backward passes per DDP forward, some of which leave trained weights without a
+        gradient (the policy's pass never reaches a critic adapter), and under bf16 LoRA compute
+        copies the fp32 masters DDP registered get their gradients from ``collect_grads``, never from
+        autograd: DDP's reducer would wait for them and fail the next backward ("parameters that were
+        not used in producing the loss"). Gradients are reduced explicitly instead."""
         block = getattr(self.module.trainer.strategy, "block_backward_sync", None)
-        return block() if block is not None and self.world_size > 1 else contextlib.nullcontext()
+        return block() if block is not None else contextlib.nullcontext()
 
     def _sum_gradients_over_ranks(self, params: list[Tensor]) -> None:
         """One flat all-reduce of every gradient (zeros for parameters without one)."""
