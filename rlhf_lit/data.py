@@ -328,8 +328,8 @@ class PromptDataModule(LightningDataModule):
         """Under a data-parallel strategy, this rank's shard of the training prompts: every rank
         shuffles the same order with ``data.seed`` (and the epoch; Lightning sets it) and takes every
         ``world_size``-th prompt, so ``data.batch_size`` is the batch of each rank. Lightning would
-        insert such a sampler itself, seeded by ``seed_everything`` instead of ``data.seed``.
-        None on one device."""
+        insert such a sampler itself, seeded by ``seed_everything`` instead of ``data.seed`` and
+        shuffled even under ``data.shuffle: false``. None on one device."""
         from torch.utils.data import DistributedSampler
 
         trainer = getattr(self, "trainer", None)

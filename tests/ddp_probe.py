@@ -1,5 +1,7 @@
-"""A callback for the DDP test: each rank saves its trained weights when fit ends."""
+"""Probes for the data-parallel tests: callbacks put into real runs through the command line, and
+workers of a 2-process gloo group."""
 
+import json
 import os
 
 import torch
@@ -7,9 +9,77 @@ from lightning.pytorch import Callback
 
 
 class SaveRankWeights(Callback):
+    """Each rank saves its trained weights (``rank<r>.pt``) when fit ends."""
+
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
 
     def on_train_end(self, trainer, pl_module):
         state = {k: v.detach().cpu() for k, v in pl_module.model.trainable_named_parameters()}
         torch.save(state, os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier",
+               "reduce", "gather_object")
+
+
+class CountLogCollectives(Callback):
+    """Counts the collective calls (``torch.distributed.<op>``) each rollout's logging makes, and
+    writes the per-rollout counts of each rank to ``collectives<r>.json`` when fit ends."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.counts = out_dir, []
+
+    def on_train_start(self, trainer, pl_module):
+        import torch.distributed as dist
+
+        inner = pl_module._log_rollout
+
+        def counted(*args, **kwargs):
+            calls = [0]
+            saved = {name: getattr(dist, name) for name in COLLECTIVES}
+
+            def wrap(fn):
+                def call(*a, **k):
+                    calls[0] += 1
+                    return fn(*a, **k)
+                return call
+
+            for name, fn in saved.items():
+                setattr(dist, name, wrap(fn))
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                for name, fn in saved.items():
+                    setattr(dist, name, fn)
+                self.counts.append(calls[0])
+
+        pl_module._log_rollout = counted
+
+    def on_train_end(self, trainer, pl_module):
+        with open(os.path.join(self.out_dir, f"collectives{trainer.global_rank}.json"), "w") as f:
+            json.dump(self.counts, f)
+
+
+def mean_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    """Rank ``rank`` of a gloo group: logs the same scalars through :func:`mean_over_ranks` and
+    through Lightning's per-scalar ``sync_dist`` reduction, and saves both."""
+    import torch.distributed as dist
+    from lightning.fabric.utilities.distributed import _sync_ddp_if_available
+
+    from rlhf_lit.parallel import mean_over_ranks
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        g = torch.Generator().manual_seed(rank)
+        values = {f"m{i}": float(torch.randn((), generator=g) * 10 ** (i % 5)) for i in range(40)}
+        values["same"] = 3.0
+        values["nan_on_rank1"] = float("nan") if rank == 1 else 1.0
+        values["episode"] = float(2 ** 25 + 1)  # past float32's integers
+        ours = mean_over_ranks(values)
+        lightning = {k: float(_sync_ddp_if_available(torch.tensor(v), reduce_op="mean")) for k, v in values.items()}
+        optional = mean_over_ranks({"a": 1.0, **({"b": float(rank + 1)} if rank else {})})
+        torch.save({"values": values, "ours": ours, "lightning": lightning, "optional": optional},
+                   os.path.join(out, f"mean{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
