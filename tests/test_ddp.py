@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +40,7 @@ def test_ddp_two_ranks_stay_in_sync_and_rank0_writes_once(tmp_path):
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
         "--trainer.callbacks+=ddp_probe.SaveRankWeights", f"--trainer.callbacks.out_dir={tmp_path}",
+        "--trainer.callbacks+=ddp_probe.CountLogCollectives", f"--trainer.callbacks.out_dir={tmp_path}",
         f"--data.prompt_file={ROOT / 'prompts' / 'demo_prompts.jsonl'}", "--data.batch_size=8",
         "--model.ppo.ppo_epochs=2", "--model.sampling.max_new_tokens=10",
     ]
@@ -59,6 +61,19 @@ def test_ddp_two_ranks_stay_in_sync_and_rank0_writes_once(tmp_path):
     assert len(list(run_dir.glob("config*.yaml"))) == 1
     # each rank sampled its own prompts: the episode counter counts both ranks' samples
     assert lines[-1]["episode"] == 2 * 8 * 2
+
+    # A rollout's scalars are averaged over the ranks in one collective (self.log's sync_dist made
+    # two per scalar, a barrier and an all-reduce: ~90), and metrics.jsonl holds the same means as
+    # TensorBoard (it held rank 0's own values).
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"collectives{rank}.json").read_text()) == [1, 1]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    for key in ("objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "response/length_mean"):
+        tb = [e.value for e in acc.Scalars(key)]
+        assert tb == pytest.approx([m[key] for m in lines], rel=1e-6), key
 
 
 def test_ddp_on_one_device_trains_exactly_like_one_device_without_ddp(tmp_path):

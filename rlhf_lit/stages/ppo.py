@@ -41,6 +41,7 @@ from rlhf_lit.algos.rollout_batch import ResponseBatch, Rollout
 from rlhf_lit.algos.rollout_metrics import rollout_metrics
 from rlhf_lit.evaluation.stats import distinct_n
 from rlhf_lit.model import POLICY, REFERENCE, PolicyConfig, ResponseOutput
+from rlhf_lit.parallel import mean_over_ranks
 from rlhf_lit.rewards.base import RewardBackend, RewardOutput
 from rlhf_lit.rollout import SamplingConfig
 from rlhf_lit.stages.base import default_optimizer
@@ -400,8 +401,10 @@ class PPOModule(PolicyStage):
         metrics["episode"] = float(self.rollouts_done * self.rollout_batch_size * self.ppo.samples_per_prompt
                                    * self.trainer.world_size)
         metrics["rollout"] = float(self.rollouts_done)
-        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1,
-                      batch_size=rollout.query_ids.shape[0])
+        # Means over the ranks in one collective (sync_dist makes one all-reduce per scalar), and
+        # metrics.jsonl gets the same means as TensorBoard.
+        metrics = mean_over_ranks(metrics)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=rollout.query_ids.shape[0])
         self._run_log.append_metrics(self.rollouts_done, metrics)
         if self.log_samples and self.rollouts_done % self.samples_every_n_rollouts == 0:
             self._run_log.samples(self.rollouts_done, batch["prompt"], texts, rollout.scores.tolist(), self.log_samples)
