@@ -23,38 +23,42 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "br
                "reduce", "gather_object")
 
 
-class CountLogCollectives(Callback):
-    """Counts the collective calls (``torch.distributed.<op>``) each rollout's logging makes, and
-    writes the per-rollout counts of each rank to ``collectives<r>.json`` when fit ends."""
+class CountCollectives(Callback):
+    """Counts the collective calls (``torch.distributed.<op>``, by op) each call of the stage's
+    ``ppo_update`` and ``_log_rollout`` makes, and writes each rank's counts, a list per method with
+    one ``{op: n}`` per call, to ``collectives<r>.json`` when fit ends."""
+
+    METHODS = ("ppo_update", "_log_rollout")
 
     def __init__(self, out_dir: str):
-        self.out_dir, self.counts = out_dir, []
+        self.out_dir, self.counts = out_dir, {m: [] for m in self.METHODS}
 
     def on_train_start(self, trainer, pl_module):
         import torch.distributed as dist
 
-        inner = pl_module._log_rollout
+        def counting(method, inner):
+            def counted(*args, **kwargs):
+                calls: dict = {}
+                saved = {name: getattr(dist, name) for name in COLLECTIVES}
 
-        def counted(*args, **kwargs):
-            calls = [0]
-            saved = {name: getattr(dist, name) for name in COLLECTIVES}
+                def wrap(name, fn):
+                    def call(*a, **k):
+                        calls[name] = calls.get(name, 0) + 1
+                        return fn(*a, **k)
+                    return call
 
-            def wrap(fn):
-                def call(*a, **k):
-                    calls[0] += 1
-                    return fn(*a, **k)
-                return call
-
-            for name, fn in saved.items():
-                setattr(dist, name, wrap(fn))
-            try:
-                return inner(*args, **kwargs)
-            finally:
                 for name, fn in saved.items():
-                    setattr(dist, name, fn)
-                self.counts.append(calls[0])
+                    setattr(dist, name, wrap(name, fn))
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    for name, fn in saved.items():
+                        setattr(dist, name, fn)
+                    self.counts[method].append(calls)
+            return counted
 
-        pl_module._log_rollout = counted
+        for method in self.METHODS:
+            setattr(pl_module, method, counting(method, getattr(pl_module, method)))
 
     def on_train_end(self, trainer, pl_module):
         with open(os.path.join(self.out_dir, f"collectives{trainer.global_rank}.json"), "w") as f:

@@ -40,7 +40,7 @@ def test_ddp_two_ranks_stay_in_sync_and_rank0_writes_once(tmp_path):
         "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
         "--trainer.callbacks+=ddp_probe.SaveRankWeights", f"--trainer.callbacks.out_dir={tmp_path}",
-        "--trainer.callbacks+=ddp_probe.CountLogCollectives", f"--trainer.callbacks.out_dir={tmp_path}",
+        "--trainer.callbacks+=ddp_probe.CountCollectives", f"--trainer.callbacks.out_dir={tmp_path}",
         f"--data.prompt_file={ROOT / 'prompts' / 'demo_prompts.jsonl'}", "--data.batch_size=8",
         "--model.ppo.ppo_epochs=2", "--model.sampling.max_new_tokens=10",
     ]
@@ -63,10 +63,15 @@ def test_ddp_two_ranks_stay_in_sync_and_rank0_writes_once(tmp_path):
     assert lines[-1]["episode"] == 2 * 8 * 2
 
     # A rollout's scalars are averaged over the ranks in one collective (self.log's sync_dist made
-    # two per scalar, a barrier and an all-reduce: ~90), and metrics.jsonl holds the same means as
-    # TensorBoard (it held rank 0's own values).
+    # two per scalar, a barrier and an all-reduce: 76), and metrics.jsonl holds the same means as
+    # TensorBoard (it held rank 0's own values). The update makes one all-reduce per epoch (every
+    # minibatch's denominator) and one per optimizer step (the gradients), and no barrier (under
+    # NCCL each one blocked the host until the GPU was idle: 2 per optimizer step).
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"collectives{rank}.json").read_text()) == [1, 1]
+        counts = json.loads((tmp_path / f"collectives{rank}.json").read_text())
+        assert counts["_log_rollout"] == [{"all_gather_object": 1}] * 2
+        epochs, minibatches = 2, 2
+        assert counts["ppo_update"] == [{"all_reduce": epochs * (1 + minibatches)}] * 2
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})

@@ -298,12 +298,13 @@ class PPOModule(PolicyStage):
                 perm = (torch.randperm(B // n, device=self.device)[:, None] * n
                         + torch.arange(n, device=self.device)).reshape(-1)
                 starts = range(0, B, mb_size)
-                signal = [True] * len(starts) if self._every_row_updated else \
-                    self.update_step.minibatches_with_signal([rollout.response_mask[perm[s:s + mb_size]] for s in starts])
-                for start, has_signal in zip(starts, signal):
+                units, signal = self.update_step.minibatch_units(
+                    [rollout.response_mask[perm[s:s + mb_size]] for s in starts],
+                    lambda mask: agg_units(mask, cfg.loss_agg_mode), self._every_row_updated)
+                for start, has_signal, global_units in zip(starts, signal, units):
                     if not has_signal:  # no token to learn from: no step (momentum alone would move the weights)
                         continue
-                    self._minibatch_step(rollout, perm[start:start + mb_size], stats)
+                    self._minibatch_step(rollout, perm[start:start + mb_size], stats, global_units)
                     if self._kl_stop(stats):
                         break
                 if self._kl_stop(stats):
@@ -319,14 +320,14 @@ class PPOModule(PolicyStage):
         out["perf/micro_batch_size"] = float(self.update_step.micro_batch(mb_size))
         return out
 
-    def _minibatch_step(self, rollout: Rollout, mb_idx: Tensor, stats: dict[str, list[Tensor]]) -> None:
+    def _minibatch_step(self, rollout: Rollout, mb_idx: Tensor, stats: dict[str, list[Tensor]],
+                        global_units: Tensor) -> None:
         """One optimizer step on the minibatch ``mb_idx``: clipped policy loss (+ ``vf_coef`` x
         clipped value loss with a critic, + ``beta`` x KL with ``kl_in: loss``), each aggregated over
-        the minibatch by ``loss_agg_mode``."""
+        the minibatch by ``loss_agg_mode``, whose denominator over all ranks is ``global_units``."""
         cfg, T, mode = self.ppo, self.sampling.temperature, self.ppo.loss_agg_mode
         L = self.sampling.max_new_tokens  # seq-mean-token-sum-norm's constant
         local_units = agg_units(rollout.response_mask[mb_idx], mode)
-        global_units = self.update_step.global_sum(local_units)
         is_weights = cfg.rollout_is != "none"
         sums: dict[str, Tensor] = {}
 
