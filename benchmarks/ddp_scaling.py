@@ -350,7 +350,7 @@ def main() -> int:
         raise SystemExit(f"needs 2 CUDA GPUs (found {torch.cuda.device_count()}); --tiny runs on the CPU")
     if args.tiny:
         args.assets += "_tiny"
-    results = {"build": spawn(args, "build", 600)}
+    results = {"build": spawn(args, "build", min(600, args.deadline or 600))}
     summary = {}
     if results["build"].get("ok"):
         for name in runs:
