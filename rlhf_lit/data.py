@@ -333,7 +333,7 @@ class PromptDataModule(LightningDataModule):
         from torch.utils.data import DistributedSampler
 
         trainer = getattr(self, "trainer", None)
-        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None) if trainer is not None else None
+        kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
         if not kwargs:
             return None
         return DistributedSampler(self.splits["train"], shuffle=self.shuffle, seed=self.seed, drop_last=False, **kwargs)
