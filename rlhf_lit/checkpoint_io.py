@@ -86,6 +86,14 @@ def check_checkpoint(path: str | os.PathLike) -> None:
         raise DamagedCheckpointError(damaged_checkpoint_message(path, problem))
 
 
+def checkpoint_settings(path: str | os.PathLike) -> dict[str, Any]:
+    """The settings a checkpoint records (``rlhf_lit.settings``: seeds, batch size, world size...),
+    read without loading its tensors (memory-mapped); {} for a checkpoint without them."""
+    ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    meta = ckpt.get("rlhf_lit") if isinstance(ckpt, dict) else None
+    return dict(meta.get("settings") or {}) if isinstance(meta, dict) else {}
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` with atomic saves and a clear error for a damaged file (see the
     module docstring). Local paths only; a remote URL (``s3://``...) falls back to Lightning's

@@ -24,6 +24,7 @@ from rlhf_lit.cli_checks import check_checkpoint_exists, check_config_files
 from rlhf_lit.console import console_callbacks
 from rlhf_lit.errors import RunStateError
 from rlhf_lit.interrupts import InterruptHandling
+from rlhf_lit.parallel import check_strategy
 from rlhf_lit.paths import tokenizer_path
 from rlhf_lit.rollout_limit import MaxRollouts
 from rlhf_lit.run_folder import RunFolderGuard, check_start, run_folder, summary
@@ -87,6 +88,12 @@ class RLHFCLI(LightningCLI):
         parser.link_arguments(f"{model}policy.revision", f"{data}revision")
         parser.link_arguments(f"{data}batch_size", f"{model}rollout_batch_size")
 
+    def before_instantiate_classes(self) -> None:
+        # A strategy the stages cannot run under is named before Lightning builds it (FSDP needs a
+        # GPU, DeepSpeed its package: their errors would come first) and before any model loads.
+        sub = self.config.get("subcommand")
+        check_strategy((self.config[sub] if sub else self.config).get("trainer.strategy"))
+
     def before_fit(self) -> None:
         self._start("fit")
         max_rollouts = self.config_init[self.subcommand].get("max_rollouts")
@@ -111,13 +118,15 @@ class RLHFCLI(LightningCLI):
         self._summarise()
 
     def _summarise(self) -> None:
+        folder = run_folder(self.trainer)  # a broadcast under DDP: every rank asks, rank 0 prints
         if self.trainer.is_global_zero:
-            print(summary(self.trainer, self.model, self.subcommand), flush=True)
+            print(summary(self.trainer, self.model, self.subcommand, folder), flush=True)
 
     after_test = after_validate = after_predict = _summarise
 
     def _start(self, subcommand: str) -> None:
         """Before any model loads: checkpoint folder, checks, atomic checkpoints, Ctrl-C handling."""
+        check_strategy(self.trainer.strategy)  # also what 'auto' chose, or an instance given from Python
         self._place_checkpoints()
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         check_start(self.trainer, subcommand, ckpt_path, getattr(self.model, "output_dir", None))

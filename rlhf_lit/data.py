@@ -313,13 +313,30 @@ class PromptDataModule(LightningDataModule):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
         # A stateful loader saves its position and shuffle state in checkpoints, so a resumed run
-        # replays exactly the remaining batches of the epoch.
+        # replays exactly the remaining batches of the epoch. The generator also draws the loader's
+        # base seed, which would otherwise come from (and move) the global random state that
+        # sampling continues from.
         generator = torch.Generator().manual_seed(self.seed)
+        sampler = self._rank_sampler()
         return StatefulDataLoader(
-            self.splits["train"], batch_size=self.batch_size, shuffle=self.shuffle, drop_last=True,
-            collate_fn=left_pad_collate(self.tokenizer.pad_token_id), num_workers=self.num_workers,
-            generator=generator,
+            self.splits["train"], batch_size=self.batch_size, shuffle=self.shuffle if sampler is None else None,
+            sampler=sampler, drop_last=True, collate_fn=left_pad_collate(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers, generator=generator,
         )
+
+    def _rank_sampler(self):
+        """Under a data-parallel strategy, this rank's shard of the training prompts: every rank
+        shuffles the same order with ``data.seed`` (and the epoch; Lightning sets it) and takes every
+        ``world_size``-th prompt, so ``data.batch_size`` is the batch of each rank. Lightning would
+        insert such a sampler itself, seeded by ``seed_everything`` instead of ``data.seed`` and
+        shuffled even under ``data.shuffle: false``. None on one device."""
+        from torch.utils.data import DistributedSampler
+
+        trainer = getattr(self, "trainer", None)
+        kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
+        if not kwargs:
+            return None
+        return DistributedSampler(self.splits["train"], shuffle=self.shuffle, seed=self.seed, drop_last=False, **kwargs)
 
     def _eval_loader(self, split: str):
         return DataLoader(

@@ -5,7 +5,8 @@ summarised at the end.
   adapter's ``model.output_dir``) is writable *now*, not after hours of training; a fresh ``fit``
   refuses a folder that holds checkpoints; ``--ckpt_path last`` refuses a folder whose
   ``last.ckpt`` is gone but whose other checkpoints are not (it would start over); a damaged
-  checkpoint is named with the last good one before any model loads.
+  checkpoint is named with the last good one before any model loads, and so is one written by
+  another number of data-parallel ranks.
 - :class:`RunFolderGuard`: the :class:`~rlhf_lit.run_lock.RunFolderLock` of a ``fit``, released when
   the run ends, fails or is interrupted.
 - :func:`summary`: where the run folder, adapter, checkpoint and report are, and key figures.
@@ -23,9 +24,12 @@ from typing import Any, Optional
 
 from lightning.pytorch.callbacks import Callback
 
-from rlhf_lit.checkpoint_io import DamagedCheckpointError, check_checkpoint, newest_intact_checkpoint
+from rlhf_lit.checkpoint_io import (
+    DamagedCheckpointError, check_checkpoint, checkpoint_settings, newest_intact_checkpoint,
+)
 from rlhf_lit.errors import RunStateError
 from rlhf_lit.export import check_replaceable
+from rlhf_lit.parallel import WORLD_SIZE_SETTING, check_resume_world_size
 from rlhf_lit.run_lock import RunFolderLock
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,7 @@ def check_start(trainer, subcommand: str, ckpt_path: Optional[str], output_dir: 
         RunStateError: a folder is not writable, a fresh ``fit`` in a folder with checkpoints, or
             ``--ckpt_path last`` with only other checkpoints left.
             Also for a damaged checkpoint to resume from, naming the last good one.
+        ConfigError: ``fit`` resuming a checkpoint written by another number of data-parallel ranks.
     """
     folders = checkpoint_folders(trainer)
     if subcommand == "fit":
@@ -83,10 +88,12 @@ def check_start(trainer, subcommand: str, ckpt_path: Optional[str], output_dir: 
                         f"'--ckpt_path last', or start a new run in another folder "
                         f"(--trainer.logger.init_args.save_dir=...)."
                     )
+    resume_from = None
     if ckpt_path == "last":
         lasts = [p for f in folders for p in f.glob("last*.ckpt")]
         if lasts:
-            _check_intact(max(lasts, key=lambda p: p.stat().st_mtime))
+            resume_from = max(lasts, key=lambda p: p.stat().st_mtime)  # the one Lightning picks
+            _check_intact(resume_from)
         else:
             others = [good for good in (newest_intact_checkpoint(f) for f in folders) if good is not None]
             if not others and subcommand == "fit":  # Lightning only warns, with an unrelated hint
@@ -98,7 +105,11 @@ def check_start(trainer, subcommand: str, ckpt_path: Optional[str], output_dir: 
                     f"there; resume from it with --ckpt_path {others[0]} (starting over would discard its run)."
                 )
     elif ckpt_path and ckpt_path not in ("best", "hpc") and Path(ckpt_path).is_file():
-        _check_intact(Path(ckpt_path))
+        resume_from = Path(ckpt_path)
+        _check_intact(resume_from)
+    if subcommand == "fit" and resume_from is not None:
+        saved = checkpoint_settings(resume_from).get(WORLD_SIZE_SETTING)
+        check_resume_world_size(saved, trainer.world_size, str(resume_from), trainer.num_nodes, trainer.num_devices)
 
 
 def _check_intact(path: Path) -> None:
@@ -153,9 +164,11 @@ def _fmt(x: Any) -> str:
     return "n/a" if not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x:.4g}"
 
 
-def summary(trainer, module, subcommand: str) -> str:
-    """A few lines for the end of ``fit``/``test``/``predict``: the files a user looks for next."""
-    folder = run_folder(trainer)
+def summary(trainer, module, subcommand: str, folder: Optional[Path] = None) -> str:
+    """A few lines for the end of ``fit``/``test``/``predict``: the files a user looks for next.
+    ``folder``: the run folder, when the caller has it (reading it is a collective under DDP);
+    None reads it here."""
+    folder = folder if folder is not None else run_folder(trainer)
     lines = []
     if subcommand == "fit":
         rows = _history(folder) if folder else []

@@ -20,7 +20,7 @@ LAYERS = [
     ("components", ["rlhf_lit.rollout", "rlhf_lit.rewards", "rlhf_lit.data", "rlhf_lit.preference_data",
                     "rlhf_lit.export", "rlhf_lit.run_logging", "rlhf_lit.checkpointing", "rlhf_lit.evaluation",
                     "rlhf_lit.testing", "rlhf_lit.predictions", "rlhf_lit.run_folder", "rlhf_lit.rollout_limit",
-                    "rlhf_lit.interrupts"]),
+                    "rlhf_lit.interrupts", "rlhf_lit.parallel"]),
     ("stages", ["rlhf_lit.stages"]),
     ("cli", ["rlhf_lit.cli", "rlhf_lit.__main__", "rlhf_lit.console", "rlhf_lit.cli_checks"]),
 ]

@@ -9,7 +9,7 @@ reward model). It is chosen by the config's ``model.class_path``. This base clas
 - checkpoints that hold the trained weights, the optimizer, the RNG and the stage's own state
   (:meth:`AdapterStage.stage_state`), never the base model; loading refuses a checkpoint written
   for another model;
-- seeding (one seed per rank) and the exact RNG continuation of a resumed run;
+- seeding (one seed per rank) and the exact RNG continuation of a resumed run (every rank's own);
 - the export of the trained policy adapter as a plain PEFT folder.
 """
 
@@ -26,6 +26,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from rlhf_lit.model import POLICY, PolicyConfig, PolicyModel
+from rlhf_lit.parallel import WORLD_SIZE_SETTING, gather_per_rank, rank_state
 from rlhf_lit.paths import check_adapter_path, check_model_path, tokenizer_path
 from rlhf_lit.run_logging import RunLog, run_dir
 from rlhf_lit.stages.resume import ResumePlan, apply_optimizer_settings, plan_resume
@@ -201,6 +202,8 @@ class AdapterStage(LightningModule):
         cannot show otherwise (a stage adds its own, e.g. ``model.ppo.kl_coef``): recorded in
         checkpoints and compared on resume (:mod:`rlhf_lit.stages.resume`)."""
         settings: dict[str, Any] = {"model.seed": self.seed}
+        if self._trainer is not None:  # each rank's data shard and random state belong to this many ranks
+            settings[WORLD_SIZE_SETTING] = self.trainer.world_size
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         for key in ("batch_size", "seed", "shuffle"):
             value = getattr(datamodule, key, None)
@@ -230,6 +233,9 @@ class AdapterStage(LightningModule):
             **self.stage_state(),
             "settings": self.resume_settings(),
             "rng": get_rng_state(),
+            # Every rank samples with its own random state; rank 0 writes the file (a collective:
+            # Lightning builds the checkpoint on every rank).
+            "rng_per_rank": gather_per_rank(get_rng_state()),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -257,7 +263,9 @@ class AdapterStage(LightningModule):
             self._resume_plan = plan_resume(checkpoint, self.resume_settings(), self.optimizer_factory,
                                             self.scheduler_factory, self.trainer.ckpt_path)
         self.load_stage_state(meta)
-        self._pending_rng = meta.get("rng")
+        # This rank's own state; checkpoints of older versions hold rank 0's alone.
+        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        self._pending_rng = rank_state(meta.get("rng_per_rank"), rank, world) or meta.get("rng")
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from rlhf_lit.parallel import mean_over_ranks
 from rlhf_lit.stages.update_step import check_micro_batch_size
 
 
@@ -55,7 +56,8 @@ class PairTraining:
                     "pairs": float(self.steps_done * B * self.trainer.world_size)}
         if self.device.type == "cuda":
             metrics["perf/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1, batch_size=B)
+        metrics = mean_over_ranks(metrics)  # one collective for all scalars; metrics.jsonl gets the means too
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=B)
         self._run_log.append_metrics(self.steps_done, metrics, counter=self.history_counter)
         if self.export_every_n_steps and self.steps_done % self.export_every_n_steps == 0:
             self.export_adapter()

@@ -41,6 +41,7 @@ from rlhf_lit.algos.rollout_batch import ResponseBatch, Rollout
 from rlhf_lit.algos.rollout_metrics import rollout_metrics
 from rlhf_lit.evaluation.stats import distinct_n
 from rlhf_lit.model import POLICY, REFERENCE, PolicyConfig, ResponseOutput
+from rlhf_lit.parallel import mean_over_ranks
 from rlhf_lit.rewards.base import RewardBackend, RewardOutput
 from rlhf_lit.rollout import SamplingConfig
 from rlhf_lit.stages.base import default_optimizer
@@ -297,12 +298,13 @@ class PPOModule(PolicyStage):
                 perm = (torch.randperm(B // n, device=self.device)[:, None] * n
                         + torch.arange(n, device=self.device)).reshape(-1)
                 starts = range(0, B, mb_size)
-                signal = [True] * len(starts) if self._every_row_updated else \
-                    self.update_step.minibatches_with_signal([rollout.response_mask[perm[s:s + mb_size]] for s in starts])
-                for start, has_signal in zip(starts, signal):
+                units, signal = self.update_step.minibatch_units(
+                    [rollout.response_mask[perm[s:s + mb_size]] for s in starts],
+                    lambda mask: agg_units(mask, cfg.loss_agg_mode), self._every_row_updated)
+                for start, has_signal, global_units in zip(starts, signal, units):
                     if not has_signal:  # no token to learn from: no step (momentum alone would move the weights)
                         continue
-                    self._minibatch_step(rollout, perm[start:start + mb_size], stats)
+                    self._minibatch_step(rollout, perm[start:start + mb_size], stats, global_units)
                     if self._kl_stop(stats):
                         break
                 if self._kl_stop(stats):
@@ -318,14 +320,14 @@ class PPOModule(PolicyStage):
         out["perf/micro_batch_size"] = float(self.update_step.micro_batch(mb_size))
         return out
 
-    def _minibatch_step(self, rollout: Rollout, mb_idx: Tensor, stats: dict[str, list[Tensor]]) -> None:
+    def _minibatch_step(self, rollout: Rollout, mb_idx: Tensor, stats: dict[str, list[Tensor]],
+                        global_units: Tensor) -> None:
         """One optimizer step on the minibatch ``mb_idx``: clipped policy loss (+ ``vf_coef`` x
         clipped value loss with a critic, + ``beta`` x KL with ``kl_in: loss``), each aggregated over
-        the minibatch by ``loss_agg_mode``."""
+        the minibatch by ``loss_agg_mode``, whose denominator over all ranks is ``global_units``."""
         cfg, T, mode = self.ppo, self.sampling.temperature, self.ppo.loss_agg_mode
         L = self.sampling.max_new_tokens  # seq-mean-token-sum-norm's constant
         local_units = agg_units(rollout.response_mask[mb_idx], mode)
-        global_units = self.update_step.global_sum(local_units)
         is_weights = cfg.rollout_is != "none"
         sums: dict[str, Tensor] = {}
 
@@ -400,8 +402,10 @@ class PPOModule(PolicyStage):
         metrics["episode"] = float(self.rollouts_done * self.rollout_batch_size * self.ppo.samples_per_prompt
                                    * self.trainer.world_size)
         metrics["rollout"] = float(self.rollouts_done)
-        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1,
-                      batch_size=rollout.query_ids.shape[0])
+        # Means over the ranks in one collective (sync_dist makes one all-reduce per scalar), and
+        # metrics.jsonl gets the same means as TensorBoard.
+        metrics = mean_over_ranks(metrics)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=rollout.query_ids.shape[0])
         self._run_log.append_metrics(self.rollouts_done, metrics)
         if self.log_samples and self.rollouts_done % self.samples_every_n_rollouts == 0:
             self._run_log.samples(self.rollouts_done, batch["prompt"], texts, rollout.scores.tolist(), self.log_samples)

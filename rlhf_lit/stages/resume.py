@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from rlhf_lit.errors import ConfigError
+from rlhf_lit.parallel import WORLD_SIZE_SETTING
 
 #: Settings that cannot change on resume, and why.
 REFUSED = {
@@ -35,6 +36,8 @@ REFUSED = {
     "data.batch_size": "the restored data position counts batches of the checkpoint's size",
     "data.seed": "it decides the split and the prompt order that the restored data position refers to",
     "data.shuffle": "the restored data position belongs to the checkpoint's prompt order",
+    WORLD_SIZE_SETTING: "each data-parallel rank resumes its own shard of the prompts and its own random "
+                        "state, and the shards depend on the number of ranks (trainer.num_nodes x trainer.devices)",
 }
 
 _NOT_SETTINGS = {"params", "initial_lr"}

@@ -16,8 +16,8 @@ gradients would clip by a norm tens of thousands of times too large), and a step
 for non-finite gradients is not clipped (its norm reads ``inf``).
 
 A minibatch without a single token to learn from (every sample unscored) gets no optimizer step:
-Adam's momentum would still move the weights. :meth:`UpdateStep.minibatches_with_signal` says
-which minibatches have one, agreed across ranks.
+Adam's momentum would still move the weights. :meth:`UpdateStep.minibatch_units` says which
+minibatches have one, agreed across ranks, with their denominators (one all-reduce per epoch).
 
 Around the steps of one update phase, :meth:`UpdateStep.phase` puts the model in train mode, swaps
 in the bf16 LoRA compute copies and the compiled decoder layers, and frees the gradients at the end.
@@ -113,21 +113,36 @@ class UpdateStep:
 
     def global_sum(self, x: Tensor) -> Tensor:
         """``x`` summed over data-parallel ranks (itself on one rank): a minibatch's aggregate
-        denominator over the global minibatch."""
+        denominator over the global minibatch.
+
+        One all-reduce, without the barrier Lightning's ``strategy.reduce`` puts before each one:
+        under NCCL a barrier blocks the host until the GPU has drained its queue, where the update
+        loop lets the host queue the next minibatch while the GPU computes this one."""
         if self.world_size == 1:
             return x
-        return self.module.trainer.strategy.reduce(x, reduce_op="sum")
+        return _all_reduce_sum_(x.clone())
 
-    def minibatches_with_signal(self, masks: list[Tensor]) -> list[bool]:
-        """Which minibatches hold at least one token that gets an update, on any rank.
+    def minibatch_units(self, masks: list[Tensor], units: Callable[[Tensor], Tensor],
+                        every_row_updated: bool) -> tuple[Tensor, list[bool]]:
+        """An epoch's minibatches at once: each one's aggregate denominator summed over the ranks,
+        and which of them hold a token that gets an update on any rank. One all-reduce per epoch
+        (not one per minibatch).
 
         Args:
             masks: each minibatch's ``(b, R)`` update mask on this rank (unscored samples masked out).
+            units: a minibatch's aggregate denominator from its mask (``algos.aggregation.agg_units``).
+            every_row_updated: every row of the rollout has a token to learn from on every rank: then
+                every minibatch has one, and the host need not wait for the counts.
         Returns:
-            One bool per minibatch, the same on every rank (one all-reduce, one host sync).
+            ``(k,)`` global units on the device, and one bool per minibatch, the same on every rank
+            (with ``every_row_updated`` all True without a host sync; otherwise one).
         """
-        counts = torch.stack([m.sum() for m in masks]).float()
-        return [c > 0 for c in self.global_sum(counts).tolist()]
+        local = torch.stack([units(m) for m in masks])
+        if every_row_updated:
+            return self.global_sum(local), [True] * len(masks)
+        counts = torch.stack([m.sum() for m in masks]).to(local.dtype)
+        both = self.global_sum(torch.stack([local, counts]))
+        return both[0], [c > 0 for c in both[1].tolist()]
 
     @contextlib.contextmanager
     def phase(self) -> Iterator["UpdateStep"]:
@@ -219,19 +234,31 @@ class UpdateStep:
 
     # ------------------------------------------------------------------------------------------
     def _no_backward_sync(self):
-        """Keep DDP's backward hooks out: an update makes many backward passes per DDP forward,
-        which its reducer does not expect. Gradients are reduced explicitly instead."""
+        """Keep DDP's backward hooks out, whatever the number of ranks (one included): an update
+        makes many backward passes per DDP forward, some of which leave trained weights without a
+        gradient (the policy's pass never reaches a critic adapter), and under bf16 LoRA compute
+        copies the fp32 masters DDP registered get their gradients from ``collect_grads``, never from
+        autograd: DDP's reducer would wait for them and fail the next backward ("parameters that were
+        not used in producing the loss"). Gradients are reduced explicitly instead."""
         block = getattr(self.module.trainer.strategy, "block_backward_sync", None)
-        return block() if block is not None and self.world_size > 1 else contextlib.nullcontext()
+        return block() if block is not None else contextlib.nullcontext()
 
     def _sum_gradients_over_ranks(self, params: list[Tensor]) -> None:
-        """One flat all-reduce of every gradient (zeros for parameters without one)."""
+        """One flat all-reduce of every gradient (zeros for parameters without one), without a
+        barrier (see :meth:`global_sum`)."""
         if self.world_size == 1:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = self.module.trainer.strategy.reduce(flat, reduce_op="sum")
+        flat = _all_reduce_sum_(torch.cat([g.reshape(-1) for g in grads]))
         offset = 0
         for p, g in zip(params, grads):
             p.grad = flat[offset:offset + g.numel()].view_as(p).to(p.dtype)
             offset += g.numel()
+
+
+def _all_reduce_sum_(x: Tensor) -> Tensor:
+    """Sum ``x`` over the default process group, in place; under NCCL the host does not wait."""
+    import torch.distributed as dist
+
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
