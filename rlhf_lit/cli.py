@@ -96,6 +96,9 @@ class RLHFCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._start("fit")
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path not in (None, "last"):  # a missing 'last' starts a new run, as Lightning does (and says so)
+            check_checkpoint_exists(ckpt_path, [], "fit")
         max_rollouts = self.config_init[self.subcommand].get("max_rollouts")
         if max_rollouts is not None:
             self._add_callback(MaxRollouts(max_rollouts))

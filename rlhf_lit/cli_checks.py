@@ -28,15 +28,46 @@ def config_paths(argv: list[str]) -> list[str]:
     return out
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+def _no_duplicate_keys_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """A safe loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if key in seen:
+                    raise _DuplicateKey(str(key), key_node.start_mark.line + 1, seen[key])
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def check_config_files(argv: list[str]) -> None:
-    """Every ``--config`` file exists, is UTF-8 text and parses as YAML.
+    """Every ``--config`` file exists, is UTF-8 text, parses as YAML and gives no key twice in one
+    mapping.
 
     Raises:
         MissingPathError: a config file that does not exist.
         InputFileError: naming ``file:line:column`` of a YAML syntax error or of bytes that are not
-            UTF-8.
+            UTF-8, or ``file:line`` of a key given twice.
     """
     import yaml
+
+    _NoDuplicateKeys = _no_duplicate_keys_loader()
 
     for name in config_paths(argv):
         path = Path(name).expanduser()
@@ -50,7 +81,11 @@ def check_config_files(argv: list[str]) -> None:
             raise InputFileError(f"{name}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the config as "
                                  f"UTF-8") from None
         try:
-            yaml.safe_load(text)
+            yaml.load(text, Loader=_NoDuplicateKeys)
+        except _DuplicateKey as e:
+            raise InputFileError(f"{name}:{e.line}: the key {e.key!r} appears twice in one mapping (first at line "
+                                 f"{e.first}); YAML keeps only the last, so the first block would be ignored: merge "
+                                 f"them") from None
         except yaml.YAMLError as e:
             mark, context = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
             where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark is not None else name

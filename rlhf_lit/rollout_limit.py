@@ -12,6 +12,8 @@ from __future__ import annotations
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from rlhf_lit.errors import ConfigError
+
 
 class MaxRollouts(Callback):
     """Stop ``fit`` once ``max_rollouts`` rollouts are done (see the module docstring).
@@ -25,7 +27,7 @@ class MaxRollouts(Callback):
 
     def __init__(self, max_rollouts: int) -> None:
         if max_rollouts < 1:
-            raise ValueError(f"max_rollouts must be >= 1, got {max_rollouts}")
+            raise ConfigError(f"--max_rollouts {max_rollouts}: expected an integer >= 1 (or leave it out)")
         self.max_rollouts = max_rollouts
 
     def _done(self, trainer, pl_module) -> int:

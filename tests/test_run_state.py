@@ -400,3 +400,14 @@ def test_an_export_never_replaces_what_is_not_an_export(tmp_path):
     check_replaceable(adapter)  # an earlier export is replaced; so is an empty folder
     (tmp_path / "empty").mkdir()
     check_replaceable(tmp_path / "empty")
+
+
+def test_config_keys_given_twice_and_a_missing_checkpoint_file_are_named(tmp_path):
+    from rlhf_lit.errors import InputFileError, MissingPathError
+
+    cfg = tmp_path / "twice.yaml"
+    cfg.write_text("model:\n  ppo:\n    kl_coef: 0.1\n  ppo:\n    clip_eps: 0.3\n")
+    with pytest.raises(InputFileError, match=r"twice\.yaml:4: the key 'ppo' appears twice in one mapping \(first at line 2\)"):
+        run_cli("fit", *fast_args(tmp_path / "run", *BASE), "--config", str(cfg))
+    with pytest.raises(MissingPathError, match=r"fit --ckpt_path .*nope\.ckpt: no such file"):
+        run_cli("fit", *fast_args(tmp_path / "run2", *BASE), f"--ckpt_path={tmp_path / 'nope.ckpt'}")

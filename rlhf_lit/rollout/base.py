@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
+from rlhf_lit.errors import ConfigError
+
 
 @dataclass
 class SamplingConfig:
@@ -27,13 +29,13 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"model.sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError("sampling.min_new_tokens must be between 0 and max_new_tokens")
+            raise ConfigError("model.sampling.min_new_tokens must be between 0 and max_new_tokens")
         if self.temperature <= 0:
-            raise ValueError(f"sampling.temperature must be > 0 (PPO needs a sampling policy), got {self.temperature}")
+            raise ConfigError(f"model.sampling.temperature must be > 0 (PPO needs a sampling policy), got {self.temperature}")
         if self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("sampling.top_k must be >= 0 and sampling.top_p in (0, 1]")
+            raise ConfigError("model.sampling.top_k must be >= 0 and model.sampling.top_p in (0, 1]")
 
 
 class RolloutEngine(ABC):
