@@ -200,3 +200,18 @@ def test_reward_model_pad_disagreement_no_longer_depends_on_the_batch(tmp_path, 
     batched = rm(["p", "p"], [" w10 w11", " w12 w13 w14 w15 w16 w17 w18 w19"]).scores
     assert "pad_token_id 7" in caplog.text and "RewardModel 'reward_model'" in caplog.text
     torch.testing.assert_close(batched[0], alone[0])
+
+
+def test_a_damaged_base_model_folder_is_named(assets, tmp_path):
+    """Cut-short weights and a config.json that is not JSON: the option, the folder and the cause."""
+    broken = tmp_path / "base"
+    shutil.copytree(assets["base"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ConfigError, match=r"model\.policy\.base_model='.*base' could not be loaded from .*"
+                                          r"complete weights"):
+        policy(assets, base_model=str(broken))
+    shutil.copy(Path(assets["base"]) / "model.safetensors", weights)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"model\.policy\.base_model='.*base'"):
+        policy(assets, base_model=str(broken))

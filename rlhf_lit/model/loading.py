@@ -54,7 +54,9 @@ def load_base(config: PolicyConfig, device: torch.device):
 
     Raises:
         ValueError: nf4 without a CUDA device.
-        OSError: naming ``model.policy.base_model``, when it loads neither as a folder nor as a Hub id.
+        ConfigError: naming ``model.policy.base_model``, when it loads neither as a folder nor as a
+            Hub id, or the folder is damaged (cut-short weights, a bad config.json, weights of
+            other shapes than its config says).
     """
     from transformers import AutoModelForCausalLM
 
@@ -81,10 +83,17 @@ def load_base(config: PolicyConfig, device: torch.device):
         kwargs["device_map"] = {"": device.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise OSError(
-            f"model.policy.base_model={config.base_model!r}: could not load it as a local folder or Hub id "
-            f"(offline machines need a local folder): {e}"
+    except Exception as e:  # noqa: BLE001  (filtered: only the folder's own problems are re-worded)
+        # A damaged or mismatched folder (cut-short weights, a config.json that is not JSON or that
+        # disagrees with the weights) is the user's input: name the option, the folder and the cause.
+        damaged = isinstance(e, (OSError, ValueError, KeyError)) or "safetensors" in type(e).__module__ or (
+            isinstance(e, RuntimeError) and ("size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e)))
+        if not damaged:
+            raise
+        raise ConfigError(
+            f"model.policy.base_model={config.base_model!r} could not be loaded from {str(path)!r} (a folder "
+            f"with config.json and complete weights, or a Hub id; offline machines need a local folder): "
+            f"{type(e).__name__}: {str(e)[:600]}"
         ) from e
     if config.quantization == "none":
         model.to(device)

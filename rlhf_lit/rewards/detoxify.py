@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
+from rlhf_lit.errors import MissingPathError
 from rlhf_lit.tokenizer import reconcile_special_tokens
 
 from .base import RewardBackend, RewardOutput
@@ -110,6 +111,13 @@ class Detoxify(RewardBackend):
         self.offload = bool(offload)
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
+        # Checked when the CLI builds the backend, before the policy loads.
+        if checkpoint and not Path(checkpoint).expanduser().is_file():
+            raise MissingPathError(f"Detoxify {self.name!r}: checkpoint file {checkpoint!r} does not exist (option "
+                                   f"'checkpoint': a Detoxify .ckpt; leave it out to use model_type's published weights)")
+        if huggingface_config_path and not Path(huggingface_config_path).expanduser().is_dir():
+            raise MissingPathError(f"Detoxify {self.name!r}: huggingface_config_path={huggingface_config_path!r}: no "
+                                   f"such folder (expected the transformers config/tokenizer folder of the checkpoint)")
         self.checkpoint = checkpoint
         self.huggingface_config_path = huggingface_config_path
         self._detox: Any = None  # a detoxify.Detoxify, loaded lazily

@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from rlhf_lit.paths import check_model_path
 from rlhf_lit.tokenizer import reconcile_special_tokens
 
 from .base import RewardBackend, RewardOutput
@@ -75,6 +76,7 @@ class LocalJudge(RewardBackend):
             raise ValueError(f"{who}: batch_size and max_text_tokens must be >= 1, got {batch_size}, {max_text_tokens}")
         if dtype not in (*_DTYPES, "auto"):
             raise ValueError(f"{who}: dtype must be one of {[*_DTYPES, 'auto']}, got {dtype!r}")
+        check_model_path(model_path, f"{who}: model_path")  # before the policy loads, no Hub lookup if local
         self.model_path = model_path
         self.num_buckets = int(num_buckets)
         self.prompt_template = prompt_template

@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional, Union
 
 import torch
 
+from rlhf_lit.paths import check_model_path
 from rlhf_lit.tokenizer import reconcile_special_tokens
 
 from .base import RewardBackend, RewardOutput
@@ -78,6 +79,7 @@ class RewardModel(RewardBackend):
                 raise ValueError(f"{who}: {opt} must be one of {list(allowed)}, got {value!r}")
         if int(batch_size) < 1 or int(max_length) < 2:
             raise ValueError(f"{who}: need batch_size >= 1 and max_length >= 2, got {batch_size}, {max_length}")
+        check_model_path(model_path, f"{who}: model_path")  # before the policy loads, no Hub lookup if local
         self.model_path = model_path
         self.label = label
         self.transform = transform

@@ -108,10 +108,9 @@ def build_sequence_classifier(
 def _judge_instruction_words() -> list[str]:
     """The words of :class:`~rlhf_lit.rewards.LocalJudge`'s default system prompt and rating template:
     the tiny judge reads its own instructions in about one token a word, as a real judge does."""
-    from rlhf_lit.rewards import LocalJudge
+    from rlhf_lit.rewards.judge_prompts import DEFAULT_BUCKET_TEMPLATE, DEFAULT_SYSTEM_PROMPT
 
-    judge = LocalJudge(model_path="")  # nothing is loaded: only its default texts are read
-    return re.findall(r"[A-Za-z]+", f"{judge.system} {judge.template}")
+    return re.findall(r"[A-Za-z]+", f"{DEFAULT_SYSTEM_PROMPT} {DEFAULT_BUCKET_TEMPLATE}")
 
 
 def build_causal_lm(folder: Union[str, Path], seed: int = 0, chat_template: bool = True) -> Path:
