@@ -60,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from _tiny_7b_assets import FULL, TARGETS, TINY, build_assets, build_tokenizer, templated_ids  # noqa: E402
+from ppo_iteration import _peak_gib, _steady, _sync, _versions  # noqa: E402  (the benchmarks share these)
 
 from rlhf_lit.atomic_files import write_text_atomic  # noqa: E402
 from rlhf_lit.testing.tokenizers import ALPHABET  # noqa: E402
@@ -85,32 +86,6 @@ TINY_DPO = Workload(pairs=8, prompt_tokens=24, response_tokens=12, micro=2)
 
 def _w(tiny: bool) -> Workload:
     return TINY_DPO if tiny else FULL_DPO
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _peak_gib():
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-
-
-def _versions() -> dict:
-    out = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for name in ("transformers", "peft", "lightning", "bitsandbytes", "trl", "accelerate", "datasets"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:
-            out[name] = None
-    return out
-
-
-def _steady(steps: list[dict]) -> dict:
-    timed = steps[1:] if len(steps) > 1 else steps
-    keys = sorted({k for s in timed for k, v in s.items() if isinstance(v, (int, float))})
-    return {k: (max if k.startswith("peak") else lambda v: sum(v) / len(v))(
-        [s[k] for s in timed if isinstance(s.get(k), (int, float))]) for k in keys}
 
 
 def _parse_run(name: str) -> tuple[str, str, list[str]]:
