@@ -6,6 +6,13 @@ num_minibatches`` per rollout, fewer when the epochs stop early on ``target_appr
 no sample was scored — so ``every_n_train_steps`` would drift. This callback counts rollouts
 (training batches) instead, and also saves the rollout a run stops at mid-epoch (``max_rollouts``,
 ``max_steps``), so that ``--ckpt_path last`` continues from there.
+
+A checkpoint due at a step that a validation follows is written after that validation: it then
+holds the validation's results in ``metrics.jsonl`` and the random state the validation left (its
+data loader draws a seed from the global generator), and a resumed run neither skips the validation
+(Lightning fast-forwards past a validation that follows a checkpoint of the train batch's end) nor
+samples from a different random state than a straight run. A run killed during that validation
+resumes from the checkpoint before it and repeats the steps in between.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class RolloutCheckpoint(ModelCheckpoint):
     ) -> None:
         super().__init__(filename=filename, save_last=save_last, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
         self.every_n_rollouts = every_n_rollouts
+        self._after_validation = False  # a save due at this step waits for the validation that follows
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done = pl_module.history_done() if hasattr(pl_module, "history_done") else None
@@ -49,9 +57,21 @@ class RolloutCheckpoint(ModelCheckpoint):
         # Rollouts count, not optimizer steps: a rollout without a scored sample makes no step.
         if not (due or stopping) or self._should_skip_saving_checkpoint_ignoring_step(trainer):
             return
+        if _validation_follows(trainer):
+            self._after_validation = True
+            return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._after_validation and not self._should_skip_saving_checkpoint_ignoring_step(trainer):
+            self._after_validation = False
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+            return
+        super().on_validation_end(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -67,3 +87,13 @@ class RolloutCheckpoint(ModelCheckpoint):
     def _should_skip_saving_checkpoint_ignoring_step(self, trainer) -> bool:
         return bool(trainer.fast_dev_run or trainer.state.fn != "fit" or trainer.sanity_checking)
 
+
+
+def _validation_follows(trainer) -> bool:
+    """Whether Lightning runs a validation right after the current training batch (asked at the
+    batch's end, as the training loop itself asks just after). False when the loop does not say."""
+    loop = trainer.fit_loop.epoch_loop
+    check, fetcher = getattr(loop, "_should_check_val_fx", None), getattr(trainer.fit_loop, "_data_fetcher", None)
+    if check is None or fetcher is None or not trainer.num_val_batches or not any(trainer.num_val_batches):
+        return False
+    return bool(check(fetcher))

@@ -7,11 +7,13 @@ end-to-end tests.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from unittest import mock
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from rlhf_lit.algos.logprobs import logprobs_from_logits
 from rlhf_lit.model import PolicyConfig, PolicyModel
@@ -178,3 +180,17 @@ def write_pairs(path: Path, n: int = 16, seed: int = 0, test: int = 0) -> Path:
                                 "chosen": [{"role": "assistant", "content": words(1, 6)}],
                                 "rejected": [{"role": "assistant", "content": words(1, 6)}], "meta": meta}) + "\n")
     return Path(path)
+
+
+
+class DieInValidation(Callback):
+    """Kills its process (``os._exit``, like ``kill -9``: no handler runs) when the validation after
+    optimizer step ``at_step`` starts. For crash-and-resume tests run in a subprocess with ``tests/``
+    on ``PYTHONPATH``."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and pl_module.history_done() == self.at_step:
+            os._exit(137)

@@ -160,6 +160,44 @@ def test_resume_matches_a_straight_run(tmp_path):
     assert (resumed / FILE_NAME).is_file() and (resumed / "adapter" / "adapter_config.json").is_file()
 
 
+def test_a_run_killed_in_validation_resumes_it_and_matches_a_straight_run(tmp_path):
+    """Killed (no handler runs) in the validation after step 2, where a checkpoint is also due: the
+    resumed run has that validation's line and the straight run's figures and weights. The checkpoint
+    of such a step is written after its validation, so it holds the random state the validation left
+    (its data loader draws a seed) and Lightning does not skip the validation on resume."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--trainer.max_epochs=2", "--trainer.limit_train_batches=3", "--trainer.val_check_interval=2",
+              "--trainer.limit_val_batches=1", "--trainer.callbacks.init_args.every_n_rollouts=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    a = run_cli("fit", *_dpo_args(straight, *common))
+    die = '{"class_path": "helpers.DieInValidation", "init_args": {"at_step": 2}}'
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    proc = subprocess.run([sys.executable, "-m", "rlhf_lit", "fit", *_dpo_args(resumed, *common),
+                           f"--trainer.callbacks+={die}"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 137, proc.stderr[-3000:]
+    assert [m.get("train_step") for m in read_metrics(resumed) if not any(k.startswith("validation/") for k in m)] \
+        == [1, 2]
+    b = run_cli("fit", *_dpo_args(resumed, *common), "--ckpt_path=last")
+
+    ma, mb = read_metrics(straight), read_metrics(resumed)
+    val_steps = [m["train_step"] for m in mb if "validation/rewards/accuracies" in m]
+    assert val_steps == [m["train_step"] for m in ma if "validation/rewards/accuracies" in m] and 2 in val_steps
+    assert [m["train_step"] for m in mb] == [m["train_step"] for m in ma]
+    for x, y in zip(ma, mb):
+        assert x.keys() == y.keys()
+        for key in x:
+            if key.startswith(("time/", "perf/")) or not isinstance(x[key], float):
+                continue
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["train_step"], key)
+    wa = {k: v for k, v in a.model.model.state_dict().items() if PolicyModel.is_trainable_key(k)}
+    wb = {k: v for k, v in b.model.model.state_dict().items() if PolicyModel.is_trainable_key(k)}
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+
+
 def test_fit_then_test_reports_held_out_pairs_and_names_dpo(tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_cli("fit", *_dpo_args(run_dir, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
