@@ -4,7 +4,8 @@ Workload (both frameworks): a randomly initialised model of the exact Qwen2.5-7B
 an SFT-shaped LoRA (r=16, alpha 16, all seven projections), 64 prompts of 64 tokens, 8 samples per
 prompt (512 responses), 128 new tokens forced (min_new_tokens = max_new_tokens = 128), 1 epoch of 4
 minibatches (128 responses each), KL to the reference in the loss with beta 0.04 (k3), bf16,
-gradient checkpointing, and a cheap Python reward (distinct words / words). TRL: LoRA through
+gradient checkpointing (``-nockpt`` runs: off, micro-batches of ``--nockpt-micro-batch``), and a cheap
+Python reward (distinct words / words). TRL: LoRA through
 ``peft_config`` (its reference = the adapter disabled), its own generation (HF ``generate``, no
 vLLM), ``per_device_train_batch_size=16, gradient_accumulation_steps=8, steps_per_generation=32``
 (4 optimizer steps per generation of 512). Ours: ``PPOModule`` with ``adv_estimator: grpo``,
@@ -42,7 +43,7 @@ from ppo_iteration import _peak_gib, _steady, _sync, _versions, fmt  # noqa: E40
 
 from rlhf_lit.atomic_files import write_text_atomic  # noqa: E402
 
-RUNS = ("ours-bf16", "ours-nf4", "trl-bf16", "trl-nf4")
+RUNS = ("ours-bf16", "ours-nf4", "ours-bf16-nockpt", "ours-nf4-nockpt", "trl-bf16", "trl-nf4")
 GROUP, EPOCHS, MINIBATCHES, BETA = 8, 1, 4, 0.04
 # TRL 1.16 on this workload, one H200, measured when the issue was filed (bf16, checkpointing, beta 0.04).
 TRL_ISSUE_BASELINE = {"iteration_s": 63.0, "peak_gib": 43.8}
@@ -58,15 +59,17 @@ def _shapes(tiny: bool):
     return TINY if tiny else FULL
 
 
-def _micro(args, shapes) -> int:
+def _micro(args, shapes, ckpt: bool = True) -> int:
     minibatch = shapes.batch * GROUP // MINIBATCHES
+    if not ckpt:  # every layer's activations are kept: smaller micro-batches
+        return min(args.nockpt_micro_batch or (2 if args.tiny else 8), minibatch)
     return min(args.micro_batch or (4 if args.tiny else 32), minibatch)
 
 
 # =============================================================================================
 # workers
 # =============================================================================================
-def worker_ours(args, result: dict, quantization: str) -> None:
+def worker_ours(args, result: dict, quantization: str, ckpt: bool = True) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -83,8 +86,8 @@ def worker_ours(args, result: dict, quantization: str) -> None:
     shapes, cuda = _shapes(args.tiny), torch.cuda.is_available()
     a = Path(args.assets)
     work = Path(tempfile.mkdtemp(prefix=f"{args.worker}-", dir=args.assets))
-    micro = _micro(args, shapes)
-    result.update(micro_batch=micro, gradient_checkpointing=True, compile=not args.no_compile)
+    micro = _micro(args, shapes, ckpt)
+    result.update(micro_batch=micro, gradient_checkpointing=ckpt, compile=not args.no_compile)
     iters: list[dict] = []
 
     class Recorder(Callback):
@@ -120,7 +123,7 @@ def worker_ours(args, result: dict, quantization: str) -> None:
     t_start = time.perf_counter()
     module = PPOModule(
         policy=PolicyConfig(base_model=str(a / "base"), sft_adapter=str(a / "sft_adapter"), quantization=quantization,
-                            dtype="bfloat16" if cuda else "float32", gradient_checkpointing=True,
+                            dtype="bfloat16" if cuda else "float32", gradient_checkpointing=ckpt,
                             compile=cuda and not args.no_compile, critic="none"),
         reward=DistinctWords(),
         ppo=PPOConfig(adv_estimator="grpo", samples_per_prompt=GROUP, ppo_epochs=EPOCHS, num_minibatches=MINIBATCHES,
@@ -235,8 +238,11 @@ def run_worker(args) -> int:
             device = "cuda" if torch.cuda.is_available() else "cpu"
             result["assets"] = build_assets(args.assets, shapes, device, n_prompts=shapes.batch * (args.iterations + 2))
         else:
-            framework, quantization = args.worker.split("-")
-            (worker_ours if framework == "ours" else worker_trl)(args, result, quantization)
+            framework, quantization, *variant = args.worker.split("-")
+            if framework == "ours":
+                worker_ours(args, result, quantization, ckpt="nockpt" not in variant)
+            else:
+                worker_trl(args, result, quantization)
         result["ok"] = True
     except BaseException as e:  # noqa: BLE001 - every failure is a result row
         print(traceback.format_exc(), file=sys.stderr, flush=True)
@@ -253,6 +259,7 @@ def spawn(args, name: str, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--assets", args.assets, "--result", str(out),
            "--iterations", str(args.iterations), "--engine", args.engine] \
         + (["--micro-batch", str(args.micro_batch)] if args.micro_batch else []) + (["--tiny"] if args.tiny else []) \
+        + (["--nockpt-micro-batch", str(args.nockpt_micro_batch)] if args.nockpt_micro_batch else []) \
         + (["--no-compile"] if args.no_compile else [])
     env = dict(os.environ)
     if name.startswith("trl-") and args.trl_path:  # TRL 1.16 beside another TRL the PPO benchmark uses
@@ -301,6 +308,8 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=3, help="GRPO iterations per run (the first is the warm-up)")
     ap.add_argument("--engine", default="auto", help="model.rollout_engine for rlhf_lit")
     ap.add_argument("--micro-batch", type=int, default=None, help="our micro-batch (default 32; tiny: 4)")
+    ap.add_argument("--nockpt-micro-batch", type=int, default=None,
+                    help="our micro-batch of the -nockpt runs (gradient checkpointing off; default 8; tiny: 2)")
     ap.add_argument("--no-compile", action="store_true", help="our runs without policy.compile")
     ap.add_argument("--trl-path", default="", help="a folder put first on PYTHONPATH for the TRL runs")
     ap.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "rlhf_lit_grpo_bench"))
@@ -327,12 +336,15 @@ def main() -> int:
                             "new_tokens": _shapes(args.tiny).new_tokens, "epochs": EPOCHS, "minibatches": MINIBATCHES,
                             "beta": BETA, "tiny": args.tiny},
                "trl_issue_baseline": TRL_ISSUE_BASELINE, "results": results, "table_markdown": table(results)}
-    ours, trl = results.get("ours-bf16", {}), results.get("trl-bf16", {})
-    if ours.get("iterations") and trl.get("iterations"):
+    trl = results.get("trl-bf16", {})
+    for name, ours in results.items():  # every bf16 run of ours against TRL's bf16 run of this call
+        if not (name.startswith("ours-bf16") and ours.get("iterations") and trl.get("iterations")):
+            continue
         so, st = _steady(ours["iterations"]), _steady(trl["iterations"])
-        summary["speedup_vs_trl_bf16"] = st["iteration_s"] / so["iteration_s"]
+        tag = name.replace("ours-bf16", "").replace("-", "_")
+        summary[f"speedup_vs_trl_bf16{tag}"] = st["iteration_s"] / so["iteration_s"]
         if ours.get("peak_gib") and trl.get("peak_gib"):
-            summary["memory_fraction_vs_trl_bf16"] = ours["peak_gib"] / trl["peak_gib"]
+            summary[f"memory_fraction_vs_trl_bf16{tag}"] = ours["peak_gib"] / trl["peak_gib"]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(args.json), json.dumps(summary, indent=1, default=str))
