@@ -339,6 +339,38 @@ def test_compiled_layers_give_eager_gradients_and_compile_once(assets):
     assert any(float(g.abs().max()) > 0 for g in eager.values())
 
 
+def test_compiled_experience_forwards_match_eager_and_compile_once_per_role(assets):
+    """``evaluate`` (old and reference log-probs, values) runs the compiled layers too: the same
+    numbers as eager for both roles, and a second rollout of the same shapes compiles nothing."""
+    from torch._dynamo.utils import counters
+
+    eager_pm = policy(assets, value_head_init_std=0.5)
+    with torch.no_grad():  # the policy a few updates away from the reference (both start as the SFT adapter)
+        for _, p in eager_pm.trainable_named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    pm = policy(assets, compile=True)
+    pm.load_state_dict(eager_pm.state_dict())
+    pm.eval()
+    eager_pm.eval()
+    b = ResponseBatch(*batch(0))
+    eager = [eager_pm.evaluate(b, TEMPERATURE, role, micro_batch_size=2) for role in (POLICY, REFERENCE)]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = [pm.evaluate(b, TEMPERATURE, role, micro_batch_size=2) for role in (POLICY, REFERENCE)]
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # the layers ran compiled, under each role
+    [pm.evaluate(ResponseBatch(*batch(1)), TEMPERATURE, role, micro_batch_size=2) for role in (POLICY, REFERENCE)]
+    assert counters["stats"]["unique_graphs"] == graphs  # same shapes, other data: no new graph
+    layers = pm.peft.get_base_model().get_decoder().layers
+    assert all(layer._compiled_call_impl is None for layer in layers)  # eager again outside
+    mask = b.response_mask
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c.logprobs * mask, e.logprobs * mask, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled[0].values * mask, eager[0].values * mask, rtol=1e-4, atol=1e-5)
+    assert float((eager[0].logprobs - eager[1].logprobs).abs().max()) > 1e-4  # the roles differ
+    assert float(eager[0].values.abs().max()) > 1e-4
+
+
 def test_micro_batch_size_auto_is_the_minibatch_on_the_cpu_and_bad_values_are_named():
     from rlhf_lit.stages import PPOConfig, PPOModule
 

@@ -41,9 +41,11 @@ class PolicyConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (non-reentrant): slower, much less memory. On for 7B."""
     compile: bool = False
-    """``torch.compile`` each decoder layer for the PPO update's forward and backward: fused kernels and
-    far less Python per micro-batch (the update is host-bound on a GPU). The first update pays the
-    compilation (about a minute for 7B); rollouts and no-grad forwards stay eager."""
+    """``torch.compile`` each decoder layer for the update's forward and backward and for the no-grad
+    experience forwards (old, reference log-probs; values): fused kernels and far less Python per
+    micro-batch (the update is host-bound on a GPU). The first update and the first experience
+    forward of each adapter pay the compilation (about a minute for 7B); sampling stays in the
+    rollout engine's own CUDA graph."""
     attn_implementation: Optional[str] = "auto"
     """transformers attention kernel: ``auto`` (``flash_attention_2`` on a GPU when the flash-attn
     package is installed, else ``sdpa``), ``sdpa``, ``flash_attention_2`` or ``eager``."""

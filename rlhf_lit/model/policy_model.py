@@ -129,13 +129,17 @@ class PolicyModel(nn.Module):
         """Run the block with every decoder layer compiled, when ``config.compile`` asks for it.
 
         The layers share one compiled code object (regional compilation: one graph serves all 28
-        layers of a 7B); outside the block they run eagerly again, so sampling and no-grad forwards
-        add no graphs of their own."""
+        layers of a 7B). The update and the no-grad experience forwards (:meth:`evaluate`) run
+        compiled; sampling does not (the rollout engine replays its own CUDA graph). Each adapter
+        role and grad mode gets its own graph, and a second shape of each makes that graph dynamic:
+        up to ~12 graphs with a critic adapter, so the recompile limit is raised to 32 (dynamo's
+        default of 8 would silently fall back to eager). Outside the block the layers run eagerly."""
         if not self.config.compile:
             yield
             return
         layers = list(self.peft.get_base_model().get_decoder().layers)
         if self._compiled_layers is None:
+            _raise_recompile_limit(32)
             self._compiled_layers = [torch.compile(layer._call_impl) for layer in layers]
         # nn.Module.__call__ runs ``_compiled_call_impl`` when set: what ``Module.compile()`` sets.
         for layer, fn in zip(layers, self._compiled_layers):
@@ -185,7 +189,7 @@ class PolicyModel(nn.Module):
                        **want: bool) -> ResponseOutput:
         # The trained adapters' bf16 LoRA copies serve their own forwards; the reference is stored in bf16.
         copies = self.lora_compute_copies() if role != REFERENCE else contextlib.nullcontext()
-        with self.role(role), copies:
+        with self.role(role), copies, self.compiled():
             outs = [self(batch.select(slice(s, s + micro)), temperature, **want)
                     for s in range(0, batch.query_ids.shape[0], micro)]
         return _cat(outs)
@@ -246,3 +250,14 @@ class PolicyModel(nn.Module):
             out_logprobs = logprobs_from_logits(logits, response_ids, temperature)
             out_entropy = entropy_from_logits(logits, temperature) if entropy else None
         return ResponseOutput(out_logprobs, out_values, out_entropy)
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    """At least ``limit`` graphs per compiled code object (``torch._dynamo.config.recompile_limit``;
+    ``cache_size_limit`` before torch 2.6)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(int(getattr(dynamo_config, name)), limit))
+            return

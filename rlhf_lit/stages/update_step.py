@@ -102,10 +102,14 @@ class UpdateStep:
         return min(micro or rows, rows)
 
     def no_grad_micro_batch(self, rows: int) -> int:
-        """Rows per forward without gradients (experience, evaluation): four training micro-batches,
-        at most ``rows``. Such a forward keeps no activations, so it fits where the training
-        micro-batch's forward + backward does, and larger GEMMs run closer to the card's peak."""
-        return min(rows, 4 * self.micro_batch(rows))
+        """Rows per forward without gradients (experience, evaluation), at most ``rows``: four
+        training micro-batches, sixteen without gradient checkpointing. Such a forward holds one
+        layer's activations at a time: it fits where the training micro-batch's forward + backward
+        does (which holds a layer's inputs for every layer with checkpointing, all of every layer's
+        activations without), and larger GEMMs run closer to the card's peak."""
+        policy = getattr(self.module, "policy_config", None)
+        factor = 16 if policy is not None and not policy.gradient_checkpointing else 4
+        return min(rows, factor * self.micro_batch(rows))
 
     @property
     def world_size(self) -> int:
