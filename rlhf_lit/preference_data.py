@@ -194,7 +194,7 @@ def pair_collate(pad_token_id: int):
     """Collate pairs: prompts left-padded (``input_ids``, ``attention_mask``, as prompt batches);
     chosen and rejected responses right-padded to one common width ``R`` (``chosen_ids``,
     ``chosen_mask``, ``rejected_ids``, ``rejected_mask``), so they stack along the batch; ``margin``
-    ``(B,)`` float (NaN where the pair has none); ids, texts and token-hash ``key``\ s as lists."""
+    ``(B,)`` float (NaN where the pair has none); ids, texts and token-hash keys (``key``) as lists."""
     prompts = left_pad_collate(pad_token_id)
 
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
