@@ -131,3 +131,14 @@ def test_algos_is_pure_tensor_maths():
                 assert top in {"torch", "__future__", "typing", "dataclasses", "math", "rlhf_lit", "collections"}, \
                     f"{path.name} imports {m}: algos/ is tensors only"
                 assert top != "rlhf_lit" or m.startswith("rlhf_lit.algos"), f"{path.name} imports {m}"
+
+
+def test_every_module_compiles_without_warnings():
+    """No SyntaxWarning (an invalid escape sequence in a docstring, say) printed by every process
+    that imports the package."""
+    import warnings
+
+    for path in sorted(PKG.rglob("*.py")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")
