@@ -81,4 +81,9 @@ def test_bf16_scores_track_the_fp32_cpu_scores(rm_folder):
     cpu.setup("cpu")
     gpu = TrainedRewardModel(str(rm_folder))
     gpu.setup("cuda")
-    torch.testing.assert_close(gpu(PROMPTS, RESPONSES).scores, cpu(PROMPTS, RESPONSES).scores, atol=0.05, rtol=0.05)
+    got, want = gpu(PROMPTS, RESPONSES).scores, cpu(PROMPTS, RESPONSES).scores
+    # bf16 rounds every hidden state: on this random 2-layer model that moves the scores by up to
+    # ~0.13 score std, the same on the CPU in bf16 (0.126 std, correlation 0.9998 with fp32). A wrong
+    # token read, a wrong head or a lost adapter would break the correlation.
+    assert float(torch.corrcoef(torch.stack([got, want]))[0, 1]) > 0.99
+    torch.testing.assert_close(got, want, atol=0.25 * float(want.std()), rtol=0)
