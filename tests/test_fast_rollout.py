@@ -131,15 +131,41 @@ def test_greedy_matches_hf_left_padding_lora(kind):
 
 
 @pytest.mark.parametrize("lora,norm,fuse_qkv", [("fused", "exact", True), ("fused", "fused", False),
-                                                ("module", "fused", True), ("module", "exact", False)])
+                                                ("module", "fused", True), ("module", "exact", False),
+                                                ("merged", "fused", True), ("merged", "exact", False)])
 def test_greedy_matches_hf_all_modes(lora, norm, fuse_qkv):
     model = tiny_lm("qwen2", seed=3)
     ids, mask = left_padded([5, 13, 9], 13, 128, seed=4)
     ref = hf_greedy(model, ids, mask, 20)
     eng = StaticCudaGraphGenerate(greedy=True, lora=lora, norm=norm, fuse_qkv=fuse_qkv)
     out = eng.generate(model, ids, mask, sampling(20), [], PAD)
-    assert (eng._plan.layers[0].fqkv is not None) == (fuse_qkv and lora == "fused")
+    assert (eng._plan.layers[0].fqkv is not None) == (fuse_qkv and lora in ("fused", "merged"))
     assert_greedy_close(model, ids, mask, out, ref)
+
+
+def test_merged_lora_decodes_without_lora_gemms_and_sees_updates():
+    """lora="merged": every projection reads W + s * B @ A (no LoRA GEMM in the step), recomputed at
+    every call, so in-place adapter updates are seen; the same tokens and log-probs as "fused"."""
+    model = tiny_lm("qwen2", seed=14, lora_b_std=0.1)
+    ids, mask = left_padded([8, 6, 11], 11, 128)
+    merged = StaticCudaGraphGenerate(greedy=True, lora="merged", compute_logprobs=True)
+    fused = StaticCudaGraphGenerate(greedy=True, lora="fused", compute_logprobs=True)
+    for step in range(2):
+        a = merged.generate(model, ids, mask, sampling(16), [], PAD)
+        b = fused.generate(model, ids, mask, sampling(16), [], PAD)
+        assert torch.equal(a, b)
+        torch.testing.assert_close(merged.last_logprobs, fused.last_logprobs, atol=1e-5, rtol=0)
+        with torch.no_grad():  # an optimizer step's worth of change in place
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn_like(p) * 0.3)
+    assert merged.num_setups == 1  # one plan; the merged copies were recomputed, not re-planned
+    L = merged._plan.layers[0]
+    assert L.fqkv.Wm is not None and L.qkv.lora_a(torch.zeros(1, L.fqkv.W.shape[1])) is None
+    assert all(p.Wm is not None and not p.lora_on_the_side for p in (L.o, L.gate, L.up, L.down))
+    assert not torch.equal(L.gate.Wm, L.gate.base.weight)  # the adapter is in the merged copy
+    assert_greedy_close(model, ids, mask, merged.generate(model, ids, mask, sampling(16), [], PAD),
+                        hf_greedy(model, ids, mask, 16))
 
 
 def test_prefill_in_row_chunks_changes_nothing():
@@ -378,7 +404,7 @@ def test_gpu_greedy_matches_hf_fp32(no_tf32):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("lora,norm", [("fused", "fused"), ("module", "exact")])
+@pytest.mark.parametrize("lora,norm", [("fused", "fused"), ("module", "exact"), ("merged", "fused")])
 def test_gpu_greedy_matches_hf_bf16(lora, norm):
     model = gpu_lm(torch.bfloat16)
     ids, mask = left_padded([20, 7, 13, 1, 17, 20, 5, 9], 20, 512, device="cuda")
@@ -389,16 +415,16 @@ def test_gpu_greedy_matches_hf_bf16(lora, norm):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_logprobs_match_a_fresh_forward(dtype, no_tf32):
+@pytest.mark.parametrize("dtype,lora", [(torch.float32, "fused"), (torch.bfloat16, "fused"), (torch.bfloat16, "merged")])
+def test_gpu_logprobs_match_a_fresh_forward(dtype, lora, no_tf32):
     model = gpu_lm(dtype, seed=2)
     ids, mask = left_padded([20, 7, 13, 1, 17, 20, 5, 9], 20, 512, device="cuda")
     T = 0.7
-    eng = StaticCudaGraphGenerate(compute_logprobs=True)
+    eng = StaticCudaGraphGenerate(compute_logprobs=True, lora=lora)
     resp = eng.generate(model, ids, mask, sampling(32, temperature=T, min_new_tokens=32), [1], PAD)
     ref = fresh_logprobs(model, ids, mask, resp, T)
     diff = (eng.last_logprobs - ref).abs()
-    print(f"{dtype}: |engine - fresh forward| log-prob mean {diff.mean():.2e} max {diff.max():.2e}; "
+    print(f"{dtype} lora={lora}: |engine - fresh forward| log-prob mean {diff.mean():.2e} max {diff.max():.2e}; "
           f"ratio mean {torch.exp(ref - eng.last_logprobs).mean():.5f}")
     if dtype == torch.float32:
         assert diff.max() < 1e-3
@@ -504,4 +530,8 @@ def test_gpu_nf4_greedy_close_to_hf(tmp_path):
         ids, mask = left_padded([20, 7, 13, 1, 17, 20][:B], 20, 512, device="cuda")
         ref = hf_greedy(model, ids, mask, 24)
         out = StaticCudaGraphGenerate(greedy=True).generate(model, ids, mask, sampling(24), [], PAD)
+        assert_greedy_close(model, ids, mask, out, ref, rel_tol=0.1)
+        merged = StaticCudaGraphGenerate(greedy=True, lora="merged")  # nf4 dequantized into the merged copy
+        out = merged.generate(model, ids, mask, sampling(24), [], PAD)
+        assert merged._plan.layers[0].q.Wm is not None and merged._plan.layers[0].q.Wm.dtype == torch.bfloat16
         assert_greedy_close(model, ids, mask, out, ref, rel_tol=0.1)

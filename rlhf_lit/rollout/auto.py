@@ -1,6 +1,7 @@
 """Choosing the rollout engine (``model.rollout_engine``), and falling back when it cannot run.
 
-``auto`` is the CUDA-graph engine on a GPU and HF ``generate`` on the CPU; when the CUDA-graph
+``auto`` is the CUDA-graph engine on a GPU and HF ``generate`` on the CPU (``cuda_graph_merged``: the
+CUDA-graph engine decoding from merged LoRA weight copies, faster for ~13 GB more on a 7B model); when the CUDA-graph
 engine meets a model it does not know (not a Llama-family decoder), ``auto`` falls back to
 ``generate`` for the rest of the run, with a warning. An explicit ``cuda_graph`` fails instead.
 """
@@ -17,7 +18,7 @@ from rlhf_lit.rollout.hf_generate import HFGenerate
 
 log = logging.getLogger(__name__)
 
-EngineName = Literal["auto", "hf", "cuda_graph"]
+EngineName = Literal["auto", "hf", "cuda_graph", "cuda_graph_merged"]
 
 
 class FallbackEngine(RolloutEngine):
@@ -59,11 +60,11 @@ def make_engine(name: EngineName, device: torch.device) -> RolloutEngine:
     """
     if name == "hf" or (name == "auto" and device.type != "cuda"):
         return HFGenerate()
-    if name not in ("auto", "cuda_graph"):
-        raise ValueError(f"model.rollout_engine={name!r}: expected 'auto', 'hf' or 'cuda_graph'")
+    if name not in ("auto", "cuda_graph", "cuda_graph_merged"):
+        raise ValueError(f"model.rollout_engine={name!r}: expected 'auto', 'hf', 'cuda_graph' or 'cuda_graph_merged'")
     if device.type != "cuda":
-        raise ValueError("model.rollout_engine=cuda_graph needs a CUDA GPU; use 'hf' or 'auto' on the CPU")
+        raise ValueError(f"model.rollout_engine={name} needs a CUDA GPU; use 'hf' or 'auto' on the CPU")
     from rlhf_lit.rollout.cuda_graph import StaticCudaGraphGenerate
 
-    engine = StaticCudaGraphGenerate(sampler_logprobs=True)
+    engine = StaticCudaGraphGenerate(sampler_logprobs=True, lora="merged" if name == "cuda_graph_merged" else "fused")
     return FallbackEngine(engine) if name == "auto" else engine

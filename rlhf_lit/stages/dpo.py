@@ -83,7 +83,7 @@ class DPOModule(PairTraining, PolicyStage):
         dpo: DPO hyperparameters.
         sampling: Sampling of the ``test`` report's responses.
         eval_sampling: Defaults to ``sampling``.
-        rollout_engine: ``hf``, ``cuda_graph`` or ``auto`` (for ``test`` sampling).
+        rollout_engine: ``hf``, ``cuda_graph``, ``cuda_graph_merged`` or ``auto`` (for ``test`` sampling).
         optimizer: Optimizer over the policy adapter.
         lr_scheduler: Optional scheduler, stepped once per optimizer step.
         output_dir: Where the trained policy adapter is exported (PEFT folder); default ``<log dir>/adapter``.
@@ -104,7 +104,7 @@ class DPOModule(PairTraining, PolicyStage):
         dpo: DPOConfig = DPOConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         eval_sampling: Optional[SamplingConfig] = None,
-        rollout_engine: Literal["auto", "hf", "cuda_graph"] = "auto",
+        rollout_engine: Literal["auto", "hf", "cuda_graph", "cuda_graph_merged"] = "auto",
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         output_dir: Optional[str] = None,

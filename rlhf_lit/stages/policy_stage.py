@@ -38,7 +38,10 @@ class PolicyStage(AdapterStage):
         sampling: Rollout sampling (temperature, top-k/p, lengths).
         eval_sampling: Sampling for validation and test; defaults to ``sampling``.
         rollout_engine: ``hf`` (transformers generate), ``cuda_graph`` (static cache + CUDA graph), or
-            ``auto`` (cuda_graph on a GPU when supported, else hf).
+            ``auto`` (cuda_graph on a GPU when supported, else hf); ``cuda_graph_merged``: cuda_graph
+            decoding with the policy LoRA merged into a copy of each bf16 weight, recomputed every
+            rollout and freed after it (no LoRA GEMMs per token; ~13 GB more during rollouts on a 7B
+            model).
         optimizer: Optimizer over the trained weights.
         lr_scheduler: Optional scheduler.
         output_dir: Where the trained policy adapter is exported (PEFT folder); default ``<log dir>/adapter``.
@@ -59,7 +62,7 @@ class PolicyStage(AdapterStage):
         reward: Optional[RewardBackend] = None,
         sampling: SamplingConfig = SamplingConfig(),
         eval_sampling: Optional[SamplingConfig] = None,
-        rollout_engine: Literal["auto", "hf", "cuda_graph"] = "auto",
+        rollout_engine: Literal["auto", "hf", "cuda_graph", "cuda_graph_merged"] = "auto",
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         output_dir: Optional[str] = None,

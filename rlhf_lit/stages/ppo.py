@@ -62,7 +62,10 @@ class PPOModule(PolicyStage):
         sampling: Rollout sampling (temperature, top-k/p, lengths).
         eval_sampling: Sampling for validation and test; defaults to ``sampling``.
         rollout_engine: ``hf`` (transformers generate), ``cuda_graph`` (static cache + CUDA graph), or
-            ``auto`` (cuda_graph on a GPU when supported, else hf).
+            ``auto`` (cuda_graph on a GPU when supported, else hf); ``cuda_graph_merged``: cuda_graph
+            decoding with the policy LoRA merged into a copy of each bf16 weight, recomputed every
+            rollout and freed after it (no LoRA GEMMs per token; ~13 GB more during rollouts on a 7B
+            model).
         optimizer: Optimizer over the policy adapter, the value head and (with ``critic: adapter``) the
             critic adapter.
         lr_scheduler: Optional scheduler, stepped once per rollout.
@@ -87,7 +90,7 @@ class PPOModule(PolicyStage):
         ppo: PPOConfig = PPOConfig(),
         sampling: SamplingConfig = SamplingConfig(),
         eval_sampling: Optional[SamplingConfig] = None,
-        rollout_engine: Literal["auto", "hf", "cuda_graph"] = "auto",
+        rollout_engine: Literal["auto", "hf", "cuda_graph", "cuda_graph_merged"] = "auto",
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         rollout_batch_size: int = 8,
