@@ -71,6 +71,21 @@ def _best_seconds(fn: Callable[[], object], device: torch.device, repeats: int, 
     return best
 
 
+def _copy_seconds(device: torch.device, nbytes: int, repeats: int) -> float:
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)  # written: no untouched (zero) pages on the CPU
+    dst = torch.empty_like(src)
+    return _best_seconds(lambda: dst.copy_(src), device, repeats, inner=1)
+
+
+def _matmul_seconds(device: torch.device, n: int, dtype: torch.dtype, repeats: int) -> float:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    c = torch.empty_like(a)
+    # several products per timing on a GPU: one 8192^3 bf16 product is ~1.4 ms, close to the events' resolution
+    return _best_seconds(lambda: torch.mm(a, b, out=c), device, repeats, inner=10 if device.type == "cuda" else 1)
+
+
 def measure_floors(device, dtype: Optional[torch.dtype] = None, *, copy_bytes: Optional[int] = None,
                    matmul_n: Optional[int] = None, repeats: int = 5) -> dict:
     """Measure the copy bandwidth and the dense matmul rate of ``device``.
@@ -96,26 +111,16 @@ def measure_floors(device, dtype: Optional[torch.dtype] = None, *, copy_bytes: O
         device = torch.device("cuda", torch.cuda.current_device())
     kind = "cuda" if device.type == "cuda" else "cpu"
     dtype = dtype or (torch.bfloat16 if kind == "cuda" else torch.float32)
-    copy_bytes = copy_bytes or SIZES[kind][0]
-    matmul_n = matmul_n or SIZES[kind][1]
-    if kind == "cuda" and copy_bytes == SIZES["cuda"][0]:
-        free, _ = torch.cuda.mem_get_info(device)
-        copy_bytes = min(copy_bytes, free // 4)
+    if copy_bytes is None:
+        copy_bytes = SIZES[kind][0]
+        if kind == "cuda":  # src + dst and the matmul's operands must fit beside what the caller holds
+            copy_bytes = min(copy_bytes, torch.cuda.mem_get_info(device)[0] // 4)
+    matmul_n = SIZES[kind][1] if matmul_n is None else matmul_n
     if copy_bytes < 1 or matmul_n < 1 or repeats < 1:
         raise ValueError(f"copy_bytes, matmul_n and repeats must be >= 1, got {copy_bytes}, {matmul_n}, {repeats}")
 
-    src = torch.ones(copy_bytes, dtype=torch.uint8, device=device)  # written: no untouched (zero) pages on the CPU
-    dst = torch.empty_like(src)
-    copy_s = _best_seconds(lambda: dst.copy_(src), device, repeats, inner=1)
-    del src, dst
-
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(matmul_n, matmul_n, generator=g).to(device=device, dtype=dtype)
-    b = torch.randn(matmul_n, matmul_n, generator=g).to(device=device, dtype=dtype)
-    c = torch.empty_like(a)
-    # several products per timing on a GPU: one 8192^3 bf16 product is ~1.4 ms, close to the events' resolution
-    mm_s = _best_seconds(lambda: torch.mm(a, b, out=c), device, repeats, inner=10 if kind == "cuda" else 1)
-    del a, b, c
+    copy_s = _copy_seconds(device, copy_bytes, repeats)
+    mm_s = _matmul_seconds(device, matmul_n, dtype, repeats)
     if kind == "cuda":
         torch.cuda.empty_cache()
     return {

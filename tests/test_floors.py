@@ -68,6 +68,8 @@ def test_measure_floors_on_the_cpu(floors_mod):
     assert "cpu" in floors_mod.describe(f)
     with pytest.raises(ValueError, match="repeats"):
         floors_mod.measure_floors("cpu", copy_bytes=1024, matmul_n=8, repeats=0)
+    with pytest.raises(ValueError, match="copy_bytes"):
+        floors_mod.measure_floors("cpu", copy_bytes=0, matmul_n=8)
 
 
 def test_decoder_counts_skip_the_input_embedding(floors_mod):
