@@ -8,7 +8,7 @@ Two figures bound every benchmark here from below:
   (the read alone is charged at the read + write rate: the copy is the fastest streaming access
   torch offers, and HBM serves reads and writes at about the same rate).
 * **dense matmul rate** (FLOP/s): a square ``n x n @ n x n`` product, ``2 n^3`` FLOPs, in the dtype
-  the models compute in (bf16 on a GPU; fp32 on the CPU, where the smoke tests run in fp32).
+  the caller's model computes in (default: bf16 on a GPU, fp32 on the CPU).
 
 Both are the best of a few timed repeats after a warm-up (CUDA events on a GPU; ``perf_counter``
 around synchronised calls on the CPU). Measuring them in each run (instead of a constant such as
@@ -193,6 +193,41 @@ def decoder_counts(model) -> dict:
             if isinstance(t, torch.Tensor):
                 nbytes += t.numel() * t.element_size()
     return {"params": params, "weight_bytes": nbytes}
+
+
+def shape_counts(config, lora_r: int, lora_targets, dtype_bytes: int) -> dict:
+    """:func:`decoder_counts` of a causal LM of ``config``'s shape with a LoRA of rank ``lora_r`` on the
+    projections named in ``lora_targets``, counted on a meta-device model (no memory, no weights).
+
+    LoRA adds ``r x (in + out)`` parameters per adapted projection, counted at ``dtype_bytes`` (the
+    rollout engine reads copies in the compute dtype). ``weight_bytes["nf4"]`` stores the decoder
+    layers' projection weights at :data:`NF4_BYTES_PER_PARAM`; the LM head, norms and biases stay at
+    ``dtype_bytes``, as bitsandbytes loads them.
+
+    Returns ``{"params", "lora_params", "dtype_bytes", "weight_bytes": {"bf16", "nf4"}}`` (params:
+    every parameter but the input embedding, LoRA included).
+    """
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    targets = set(lora_targets)
+    lora_params = sum(lora_r * (m.in_features + m.out_features) for name, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    emb = model.get_input_embeddings().weight
+    projections = other = 0
+    for name, p in model.named_parameters():
+        if p is emb:
+            continue
+        if name.startswith("model.layers.") and name.endswith("_proj.weight"):
+            projections += p.numel()
+        else:
+            other += p.numel()
+    rest = (other + lora_params) * dtype_bytes
+    return {"params": projections + other + lora_params, "lora_params": lora_params, "dtype_bytes": dtype_bytes,
+            "weight_bytes": {"bf16": projections * dtype_bytes + rest,
+                             "nf4": projections * NF4_BYTES_PER_PARAM + rest}}
 
 
 def ppo_iteration_floor(*, params: int, weight_bytes: float, batch: int, prompt_len: int, new_tokens: int,
