@@ -26,6 +26,15 @@ over the whole process (model loading included); per-iteration peaks are in the 
     PYTHONPATH=. python benchmarks/ppo_iteration.py --runs ours-nf4 --json b.json                    # ~3.5 min
     PYTHONPATH=. python benchmarks/ppo_iteration.py --tiny --runs ours-bf16,ours-bf16-nockpt --profile-update  # CPU smoke test
 
+Floors: the first subprocess (``build``) measures the card's copy bandwidth and bf16 matmul rate
+(``benchmarks/floors.py``; once per invocation, on an idle card) and counts the policy's parameters
+and decode-step bytes from its shape. Each run's ``floor s`` is the compute floor of its iteration
+(``floors.ppo_iteration_floor``: forward FLOPs per token = 2 x (non-embedding parameters + LM head
++ LoRA); two experience forwards and, per epoch, forward + input-gradient backward (+ the recompute
+when the run checkpoints) over 64 x 192 tokens at the matmul rate; the prompt pass; 127 decode steps
+at the roofline floor of weights + KV cache read and 2 x parameters x 64 FLOPs); ``fraction of
+floor`` = floor / steady s per iteration. Both are in the JSON (``floors``; each run's ``floor``).
+
 A run stopped at its time limit keeps the iterations it finished (the worker rewrites its result
 file after every iteration); the table marks it.
 
@@ -66,7 +75,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from _tiny_7b_assets import FULL, TARGETS, TINY, Shapes, build_assets, templated_ids  # noqa: E402
+from _tiny_7b_assets import FULL, TARGETS, TINY, Shapes, build_assets, qwen2_config, templated_ids  # noqa: E402
+from floors import describe, measure_floors, ppo_iteration_floor, shape_counts  # noqa: E402
 
 from rlhf_lit.atomic_files import write_text_atomic  # noqa: E402
 
@@ -224,6 +234,39 @@ def worker_build(args, result: dict) -> None:
     t = time.perf_counter()
     assets = build_assets(args.assets, shapes, device, n_prompts=shapes.batch * (args.iterations + 2))
     result.update(assets=assets, build_s=time.perf_counter() - t)
+    # once per invocation, on a card no run holds yet. Our runs hold bf16 weights on a GPU and fp32 ones
+    # on the CPU, where --precision bf16-mixed (the default) still runs the matmuls in bf16 (autocast).
+    mm_dtype = torch.bfloat16 if device == "cuda" or args.precision.startswith("bf16") else torch.float32
+    result["floors"] = measure_floors(device, mm_dtype)
+    result["policy_counts"] = _policy_counts(shapes, Path(args.assets), 2 if device == "cuda" else 4)
+    print(f"floors: {describe(result['floors'])}", flush=True)
+
+
+def _policy_counts(shapes: Shapes, assets: Path, dtype_bytes: int) -> dict:
+    """``floors.shape_counts`` of the policy's shape with the SFT adapter's rank and projections."""
+    lora = json.loads((assets / "sft_adapter" / "adapter_config.json").read_text())
+    return shape_counts(qwen2_config(shapes.policy, shapes), lora["r"], lora["target_modules"], dtype_bytes)
+
+
+def iteration_floor(args, name: str, r: dict, build: dict) -> dict | None:
+    """The compute floor of run ``name``'s iteration (``floors.ppo_iteration_floor``) and the fraction
+    floor / steady s per iteration; ``None`` without the build's floors."""
+    floors, counts = build.get("floors"), build.get("policy_counts")
+    if not floors or not counts:
+        return None
+    framework, quantization, _ = _parse_run(name)
+    ck = r.get("gradient_checkpointing")
+    if ck is None:
+        ck = _ours_settings(args, name)[0] if framework == "ours" else _trl_checkpointing(args, name)
+    shapes, pol = _shapes(args.tiny), _shapes(args.tiny).policy
+    out = ppo_iteration_floor(
+        params=counts["params"], weight_bytes=counts["weight_bytes"][quantization], batch=shapes.batch,
+        prompt_len=shapes.prompt_tokens, new_tokens=shapes.new_tokens, layers=pol["num_hidden_layers"],
+        kv_heads=pol["num_key_value_heads"], head_dim=pol["hidden_size"] // pol["num_attention_heads"],
+        dtype_bytes=counts["dtype_bytes"], epochs=4, recompute=ck in (True, "model"), floors=floors)
+    steady = _steady(r.get("iterations", [])).get("iteration_s") if len(r.get("iterations", [])) >= 2 else None
+    out["fraction"] = out["total_s"] / steady if steady else None
+    return out
 
 
 def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
@@ -598,7 +641,8 @@ def _usable(r: dict) -> bool:
 
 def table(results: dict) -> str:
     head = ("| run | rollout engine | ckpt / micro | s / iteration (steady) | rollout | reward | ref + values | update | "
-            "first iteration | peak GiB | generated tokens/s | note |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "first iteration | peak GiB | generated tokens/s | floor s | fraction of floor | note |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [head]
     for name, r in results.items():
         if name == "build":
@@ -612,7 +656,8 @@ def table(results: dict) -> str:
         if not iters:
             err = str(r.get("error", "failed")).replace("|", "/").replace("\n", " ")[:160]
             rows.append(f"| {name} | {r.get('engine', '-')} | {cm} | failed | | | | | | "
-                        f"{fmt(r.get('peak_gib_at_failure'))} | | {err} |")
+                        f"{fmt(r.get('peak_gib_at_failure'))} | | {fmt((r.get('floor') or {}).get('total_s'), '.3g')} "
+                        f"| | {err} |")
             continue
         s = _steady(iters)
         steady_ok = len(iters) >= 2
@@ -626,7 +671,9 @@ def table(results: dict) -> str:
         rows.append(
             f"| {name} | {r.get('engine', '-')} | {cm} | {cell('iteration_s')} | {cell('rollout_s')} | {cell('reward_s')} | "
             f"{cell('ref_values_s')} | {cell('update_s')} | {fmt(iters[0].get('iteration_s'), '.1f')} | "
-            f"{fmt(r.get('peak_gib'))} | {cell('tokens_per_sec', '.0f')} | {note} |"
+            f"{fmt(r.get('peak_gib'))} | {cell('tokens_per_sec', '.0f')} | "
+            f"{fmt((r.get('floor') or {}).get('total_s'), '.3g')} | {fmt((r.get('floor') or {}).get('fraction'), '.2f')} "
+            f"| {note} |"
         )
     return "\n".join(rows)
 
@@ -725,9 +772,12 @@ def main() -> int:
             results[name] = {"name": name, "ok": False, "error": "not run: out of time"}
             continue
         results[name] = spawn(args, name, min(limits.get(name, 300), left))
+        results[name]["floor"] = iteration_floor(args, name, results[name], results["build"])
         if args.json:  # partial results survive a later crash or kill
             _write(args, results)
     summary = _write(args, results)
+    if summary["floors"]:
+        print(f"\nfloors: {describe(summary['floors'])}")
     print("\n" + summary["table_markdown"])
     print(json.dumps(summary["ratios"], indent=1))
     return 0
@@ -748,6 +798,7 @@ def _write(args, results: dict) -> dict:
                      "iterations": args.iterations, "engine": args.engine, "precision": args.precision,
                      "tiny": args.tiny},
         "trl_notes_baseline": TRL_NOTES_BASELINE,
+        "floors": results.get("build", {}).get("floors"),  # measured by the build subprocess
         "results": results,
         "table_markdown": table(results),
         "ratios": ratios(results),

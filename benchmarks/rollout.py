@@ -9,11 +9,24 @@ local disk and reloaded through ``from_pretrained`` so the real quantized load p
 Each configuration: one full-length warm-up run (it includes the graph capture), then the best of
 ``--repeats`` timed runs. tokens/s = batch * new tokens / wall time of one ``generate`` call (prefill
 included). ms/step for the fast path is the decode loop alone (CUDA events around the replays),
-for HF it is wall time / new tokens. The bandwidth floor of one step is the bytes of the weights it
-reads (every parameter except the input embedding table, LoRA included as stored) / 3.0 TB/s (the
-device-to-device copy bandwidth measured on the H100 here).
+for HF it is wall time / new tokens.
+
+Floor of one decode step (``benchmarks/floors.py``): the card's copy bandwidth and bf16 matmul rate
+are measured at the start of the run (a 2 GiB device-to-device copy, bytes read + written; an
+8192^3 bf16 matmul; best of 5 each) and the floor is the larger of
+
+* bandwidth: (weight bytes + KV-cache bytes) / copy bandwidth. Weight bytes: every parameter except
+  the input embedding table, LoRA included as stored. KV-cache bytes: batch x layers x 2 x kv_heads
+  x head_dim x mean cache length x dtype bytes, the mean cache length being the filled length
+  averaged over the decode steps, prompt_len + new_tokens / 2 (the engine itself reads its whole
+  static cache, rounded up to a multiple of 16 columns: that excess is part of what the floor
+  measures against);
+* compute: 2 x parameters read x batch FLOPs / matmul rate (attention's own FLOPs left out: < 1%).
+
+Fraction of floor = floor / measured ms per step. At batch 512 the 7B step is compute-bound.
 
     PYTHONPATH=. python benchmarks/rollout.py --json out.json          # the full run (~5 min, H100)
+    PYTHONPATH=. python benchmarks/rollout.py --batches 1,64,512 --hf-batches 1,64 --json out.json
     PYTHONPATH=. python benchmarks/rollout.py --tiny --batches 1,4     # smoke test, CPU is fine
 """
 
@@ -31,11 +44,13 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from floors import decode_bounds_ms, decoder_counts, describe, kv_cache_bytes, measure_floors  # noqa: E402
 
 from rlhf_lit.rollout.cuda_graph import StaticCudaGraphGenerate  # noqa: E402
 from rlhf_lit.rollout import HFGenerate, SamplingConfig  # noqa: E402
 
-COPY_BW = 3.0e12  # bytes/s, device-to-device copy on the H100 (read + write), shared notes
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD, STOPS = 151643, [151645, 151643]
 
@@ -76,20 +91,19 @@ def add_lora(model, r=16, seed=0):
     return pm.eval()
 
 
-def weight_bytes(model) -> int:
-    """Bytes one decode step reads: every parameter but the input embedding table (a row gather)."""
-    emb = model.get_input_embeddings().weight
-    total = 0
-    for p in model.parameters():
-        if p is emb:
-            continue
-        total += p.numel() * p.element_size()
-        qs = getattr(p, "quant_state", None)
-        if qs is not None:
-            for t in (getattr(qs, "absmax", None), getattr(getattr(qs, "state2", None), "absmax", None)):
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-    return total
+def step_floor(counts: dict, model, batch: int, args, floors: dict) -> dict:
+    """The floor of one decode step at ``batch`` rows (see the module docstring): weights + KV-cache
+    bytes at the measured bandwidth against 2 x parameters x batch FLOPs at the measured matmul rate."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache_len = args.prompt_len + args.new_tokens / 2
+    kv = kv_cache_bytes(batch, cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, cache_len,
+                        model.get_input_embeddings().weight.element_size())  # the cache is in the activation dtype
+    flops = 2 * counts["params"] * batch
+    bw_ms, flop_ms = decode_bounds_ms(counts["weight_bytes"], kv, flops, floors)
+    return {"floor_ms": max(bw_ms, flop_ms), "bandwidth_floor_ms": bw_ms, "compute_floor_ms": flop_ms,
+            "bound": "bandwidth" if bw_ms >= flop_ms else "compute", "weight_bytes": counts["weight_bytes"],
+            "kv_bytes": kv, "mean_cache_len": cache_len, "flops": flops}
 
 
 def prompts(batch, P, vocab, device, seed=0):
@@ -122,7 +136,7 @@ def time_engine(engine, model, ids, mask, sampling, repeats, device):
     return best, out.numel(), stats
 
 
-def run_config(label, model, engine_name, batch, args, device, floor_ms, results, **engine_kw):
+def run_config(label, model, engine_name, batch, args, device, floor, results, **engine_kw):
     P, R = args.prompt_len, args.new_tokens
     sampling = SamplingConfig(max_new_tokens=R, min_new_tokens=R, temperature=0.7)
     ids, mask = prompts(batch, P, model.config.vocab_size if hasattr(model, "config") else 152064, device)
@@ -136,8 +150,8 @@ def run_config(label, model, engine_name, batch, args, device, floor_ms, results
             row["prefill_ms"] = stats["prefill_ms"]
         else:
             row["ms_per_step"] = 1e3 * secs / R
-        row["floor_ms"] = floor_ms
-        row["fraction_of_floor"] = floor_ms / row["ms_per_step"]
+        row.update(floor)
+        row["fraction_of_floor"] = floor["floor_ms"] / row["ms_per_step"]
     except Exception as e:  # keep going: one failing configuration must not cost the others
         row["error"] = f"{type(e).__name__}: {e}"
         traceback.print_exc()
@@ -256,14 +270,15 @@ def profile_decode(model, batch, args, device, path, steps=8):
 
 def print_table(results):
     rows = results["rows"]
-    print("\n| precision | engine | batch | tokens/s | ms/step | floor ms | fraction of floor |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"\nfloors: {describe(results['floors'])}")
+    print("\n| precision | engine | batch | tokens/s | ms/step | floor ms | bound | fraction of floor |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
-            print(f"| {r['precision']} | {r['engine']} | {r['batch']} | error: {r['error'][:80]} | | | |")
+            print(f"| {r['precision']} | {r['engine']} | {r['batch']} | error: {r['error'][:80]} | | | | |")
             continue
         print(f"| {r['precision']} | {r['engine']} | {r['batch']} | {r['tok_per_s']:,.0f} | {r['ms_per_step']:.2f} | "
-              f"{r['floor_ms']:.2f} | {r['fraction_of_floor']:.2f} |")
+              f"{r['floor_ms']:.2f} | {r['bound']} | {r['fraction_of_floor']:.2f} |")
 
 
 def main():
@@ -300,10 +315,13 @@ def main():
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
                      "bitsandbytes": bnb_version},
-        "copy_bandwidth_Bps": COPY_BW,
         "rows": [],
     }
+    # before any model is built: the whole card is free for the 2 GiB copy
+    results["floors"] = floors = measure_floors(device, torch.bfloat16)
+    results["copy_bandwidth_Bps"] = floors["copy_bandwidth_Bps"]  # the key earlier JSON files had (then a constant)
     print(json.dumps({k: v for k, v in results.items() if k != "rows"}), flush=True)
+    print(f"floors: {describe(floors)}", flush=True)
     cfg = qwen7b_config(args.tiny)
     t0 = time.perf_counter()
 
@@ -316,17 +334,19 @@ def main():
         print(f"saved to {args.save_dir} in {time.perf_counter() - t1:.1f} s", flush=True)
     if "bf16" in precisions:
         pm = add_lora(model)
-        floor = 1e3 * weight_bytes(pm) / COPY_BW
-        results["floor_ms_bf16"] = floor
-        print(f"bf16 + LoRA: {weight_bytes(pm) / 1e9:.2f} GB read per step -> floor {floor:.2f} ms", flush=True)
+        counts = results["counts_bf16"] = decoder_counts(pm)
+        floor = {b: step_floor(counts, pm, b, args, floors) for b in batches}
+        print(f"bf16 + LoRA: {counts['weight_bytes'] / 1e9:.2f} GB of weights read per step, "
+              f"{counts['params']:,} parameters; floor per step: " + ", ".join(
+                  f"batch {b} {f['floor_ms']:.2f} ms ({f['bound']})" for b, f in floor.items()), flush=True)
         for b in batches:
-            run_config("bf16", pm, "fast", b, args, device, floor, results)
+            run_config("bf16", pm, "fast", b, args, device, floor[b], results)
             if b in hf_batches:
-                run_config("bf16", pm, "hf", b, args, device, floor, results)
+                run_config("bf16", pm, "hf", b, args, device, floor[b], results)
         if args.variants:
             b = max(batches)
-            run_config("bf16", pm, "fast[fuse_qkv=False]", b, args, device, floor, results, fuse_qkv=False)
-            run_config("bf16", pm, "fast[lora=module,norm=exact,fuse_qkv=False]", b, args, device, floor, results,
+            run_config("bf16", pm, "fast[fuse_qkv=False]", b, args, device, floor[b], results, fuse_qkv=False)
+            run_config("bf16", pm, "fast[lora=module,norm=exact,fuse_qkv=False]", b, args, device, floor[b], results,
                        lora="module", norm="exact", fuse_qkv=False)
         if args.ratio_check:
             try:
@@ -357,13 +377,15 @@ def main():
             print(f"loaded nf4 in {time.perf_counter() - t1:.1f} s; "
                   f"{torch.cuda.memory_allocated() / 1e9:.2f} GB allocated", flush=True)
             pm = add_lora(model.eval())
-            floor = 1e3 * weight_bytes(pm) / COPY_BW
-            results["floor_ms_nf4"] = floor
-            print(f"nf4 + LoRA: {weight_bytes(pm) / 1e9:.2f} GB read per step -> floor {floor:.2f} ms", flush=True)
+            counts = results["counts_nf4"] = decoder_counts(pm)
+            floor = {b: step_floor(counts, pm, b, args, floors) for b in batches}
+            print(f"nf4 + LoRA: {counts['weight_bytes'] / 1e9:.2f} GB of weights read per step, "
+                  f"{counts['params']:,} parameters; floor per step: " + ", ".join(
+                      f"batch {b} {f['floor_ms']:.2f} ms ({f['bound']})" for b, f in floor.items()), flush=True)
             for b in batches:
-                run_config("nf4", pm, "fast", b, args, device, floor, results)
+                run_config("nf4", pm, "fast", b, args, device, floor[b], results)
                 if b in hf_batches:
-                    run_config("nf4", pm, "hf", b, args, device, floor, results)
+                    run_config("nf4", pm, "hf", b, args, device, floor[b], results)
         except Exception:
             traceback.print_exc()
     results["total_seconds"] = time.perf_counter() - t0
