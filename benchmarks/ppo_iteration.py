@@ -123,7 +123,7 @@ def _shapes(tiny: bool) -> Shapes:
     return TINY if tiny else FULL
 
 
-VARIANTS = {"ours": ("nockpt", "compile", "offload", "critic"), "trl": ("asis",)}
+VARIANTS = {"ours": ("nockpt", "compile", "offload", "critic", "merged"), "trl": ("asis",)}
 
 
 def _parse_run(name: str) -> tuple[str, str, list[str]]:
@@ -131,7 +131,7 @@ def _parse_run(name: str) -> tuple[str, str, list[str]]:
 
     Variants: ``nockpt`` (ours: checkpointing off, ``--nockpt-micro-batch``), ``compile`` (ours:
     ``policy.compile``), ``offload`` (ours: the reward model's ``offload``), ``critic`` (ours: ``policy.critic:
-    adapter``, the critic as its own LoRA adapter), ``asis`` (TRL as its users get it: its ignored
+    adapter``, the critic as its own LoRA adapter), ``merged`` (ours: ``rollout_engine: cuda_graph_merged``), ``asis`` (TRL as its users get it: its ignored
     checkpointing flag left alone)."""
     framework, quantization, *variants = name.split("-")
     if framework not in VARIANTS or quantization not in ("bf16", "nf4") or \
@@ -289,7 +289,8 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
     n_batches = args.iterations + (1 if profiling else 0)  # the profiled iteration comes after the timed ones
     variants = _parse_run(args.worker)[2]
     result.update(gradient_checkpointing=ckpt, micro_batch=micro, compile="compile" in variants,
-                  reward_offload="offload" in variants, critic="adapter" if "critic" in variants else "value_head")
+                  reward_offload="offload" in variants, critic="adapter" if "critic" in variants else "value_head",
+                  rollout_lora_merged="merged" in variants)
 
     class Recorder(Callback):
         def on_train_start(self, trainer, pl_module):
@@ -348,7 +349,7 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
                            offload="offload" in variants),
         ppo=PPOConfig(ppo_epochs=4, num_minibatches=4, micro_batch_size=micro),
         sampling=SamplingConfig(max_new_tokens=shapes.new_tokens, min_new_tokens=shapes.new_tokens, temperature=0.7),
-        rollout_engine=args.engine,
+        rollout_engine="cuda_graph_merged" if "merged" in variants else args.engine,
         rollout_batch_size=shapes.batch,
         output_dir=str(work / "adapter"),
         log_samples=0,
@@ -653,6 +654,7 @@ def table(results: dict) -> str:
         cm += " / compiled" if r.get("compile") else ""
         cm += " / reward offloaded" if r.get("reward_offload") else ""
         cm += " / critic adapter" if r.get("critic") == "adapter" else ""
+        cm += " / rollout LoRA merged" if r.get("rollout_lora_merged") else ""
         if not iters:
             err = str(r.get("error", "failed")).replace("|", "/").replace("\n", " ")[:160]
             rows.append(f"| {name} | {r.get('engine', '-')} | {cm} | failed | | | | | | "

@@ -196,8 +196,8 @@ def ratio_check(model, batch, args, device, results):
     ids, mask = prompts(batch, P, 152064, device, seed=3)
     sampling = SamplingConfig(max_new_tokens=R, min_new_tokens=R, temperature=T)
     res = {"batch": batch}
-    for name, kw in [("fast", {}), ("fast[lora=module,norm=exact,fuse_qkv=False]",
-                                    dict(lora="module", norm="exact", fuse_qkv=False))]:
+    for name, kw in [("fast", {}), ("fast[lora=merged]", dict(lora="merged")),
+                     ("fast[lora=module,norm=exact,fuse_qkv=False]", dict(lora="module", norm="exact", fuse_qkv=False))]:
         eng = StaticCudaGraphGenerate(compute_logprobs=True, **kw)
         resp = eng.generate(model, ids, mask, sampling, STOPS, PAD)
         res[name] = _diff_stats(eng.last_logprobs, _fresh_logprobs(model, ids, mask, resp, T))
@@ -290,6 +290,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variants", action="store_true", help="also time lora/norm variants at the largest batch (bf16)")
+    ap.add_argument("--merged", action="store_true",
+                    help="also time lora=merged (model.rollout_engine: cuda_graph_merged) at every batch and precision")
     ap.add_argument("--ratio-check", action="store_true", help="engine log-probs vs a fresh forward (bf16)")
     ap.add_argument("--profile", default="", help="write a kernel table of bf16 decode at the largest batch here")
     ap.add_argument("--save-dir", default="/tmp/rand_qwen7b")
@@ -341,6 +343,8 @@ def main():
                   f"batch {b} {f['floor_ms']:.2f} ms ({f['bound']})" for b, f in floor.items()), flush=True)
         for b in batches:
             run_config("bf16", pm, "fast", b, args, device, floor[b], results)
+            if args.merged:
+                run_config("bf16", pm, "fast[lora=merged]", b, args, device, floor[b], results, lora="merged")
             if b in hf_batches:
                 run_config("bf16", pm, "hf", b, args, device, floor[b], results)
         if args.variants:
@@ -384,6 +388,8 @@ def main():
                       f"batch {b} {f['floor_ms']:.2f} ms ({f['bound']})" for b, f in floor.items()), flush=True)
             for b in batches:
                 run_config("nf4", pm, "fast", b, args, device, floor[b], results)
+                if args.merged:  # the 4-bit weights dequantized into the merged copy once per call
+                    run_config("nf4", pm, "fast[lora=merged]", b, args, device, floor[b], results, lora="merged")
                 if b in hf_batches:
                     run_config("nf4", pm, "hf", b, args, device, floor[b], results)
         except Exception:
