@@ -64,6 +64,20 @@ def test_test_names_the_algorithm(tmp_path):
     assert "GRPO (adv_estimator=grpo" in (run_dir / "report.md").read_text()
 
 
+def test_test_names_the_checkpoints_algorithm_under_another_config(tmp_path, caplog):
+    """A GRPO checkpoint tested with the RLOO config: the report names GRPO, and a warning says why."""
+    import logging
+
+    run_dir = tmp_path / "run"
+    run_cli("fit", *fast_args(run_dir, "--config", config("grpo"), "--data.batch_size=2", "--trainer.max_epochs=1",
+                              "--trainer.limit_train_batches=1"))
+    with caplog.at_level(logging.WARNING, logger="rlhf_lit"):
+        run_cli("test", *fast_args(run_dir, "--config", config("rloo"), "--data.batch_size=2"), "--ckpt_path=last")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["run"]["algorithm"].startswith("GRPO (adv_estimator=grpo")
+    assert any("trained with GRPO" in r.getMessage() and "RLOO" in r.getMessage() for r in caplog.records)
+
+
 def test_an_estimator_that_needs_a_critic_refuses_critic_none(tmp_path):
     with pytest.raises(ValueError, match="adv_estimator='gae' needs a critic"):
         run_cli("fit", *fast_args(tmp_path / "run", "--model.policy.critic=none"))

@@ -43,7 +43,9 @@ def test_abbreviated_options_are_refused(tmp_path, capsys):
 @pytest.mark.parametrize("option, value, expected", [
     ("kl_coef", "-0.1", "model.ppo.kl_coef=-0.1: expected a number >= 0"),
     ("vf_coef", "-1", "model.ppo.vf_coef=-1.0: expected a number >= 0"),
-    ("clip_eps", "0", "model.ppo.clip_eps=0.0: expected a number > 0"),
+    ("clip_eps", "0", "model.ppo.clip_eps=0.0: expected a number in (0, 1)"),
+    ("clip_eps_low", "1.5", "model.ppo.clip_eps_low=1.5: expected null or a number in (0, 1)"),
+    ("adv_estimator", "foo", "model.ppo.adv_estimator='foo': expected one of ['gae', 'grpo', "),
     ("gamma", "1.5", "model.ppo.gamma=1.5: expected a number in [0, 1]"),
     ("missing_eos_penalty", "-1", "model.ppo.missing_eos_penalty=-1.0: expected null or a number >= 0"),
 ])

@@ -58,23 +58,26 @@ AdvantageFn = Callable[[AdvantageInput, Any], AdvantageOutput]
 
 @dataclass(frozen=True)
 class AdvantageEstimator:
-    """A registered estimator: its function and whether it reads critic values."""
+    """A registered estimator: its function, whether it reads critic values, and whether its
+    baseline comes from the other responses to the same prompt (``model.ppo.samples_per_prompt``)."""
 
     name: str
     fn: AdvantageFn
     needs_critic: bool
+    uses_groups: bool = False
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
 
-def register_advantage_estimator(name: str, needs_critic: bool) -> Callable[[AdvantageFn], AdvantageFn]:
+def register_advantage_estimator(name: str, needs_critic: bool,
+                                 uses_groups: bool = False) -> Callable[[AdvantageFn], AdvantageFn]:
     """Decorator: make ``fn`` available as ``model.ppo.adv_estimator: <name>``."""
 
     def add(fn: AdvantageFn) -> AdvantageFn:
         if name in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"advantage estimator {name!r} is registered twice")
-        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic)
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, uses_groups)
         return fn
 
     return add
@@ -197,14 +200,14 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Ten
     return returns
 
 
-@register_advantage_estimator("grpo", needs_critic=False)
+@register_advantage_estimator("grpo", needs_critic=False, uses_groups=True)
 def grpo_estimator(x: AdvantageInput, cfg: Any) -> AdvantageOutput:
     """:func:`grpo_advantages` of the responses' returns, on every token. Reads ``cfg.norm_adv_by_std``."""
     advantages = _per_token(grpo_advantages(_outcome(x), x.group_index, cfg.norm_adv_by_std), x.mask)
     return AdvantageOutput(advantages, advantages)
 
 
-@register_advantage_estimator("rloo", needs_critic=False)
+@register_advantage_estimator("rloo", needs_critic=False, uses_groups=True)
 def rloo_estimator(x: AdvantageInput, cfg: Any) -> AdvantageOutput:
     """:func:`rloo_advantages` of the responses' returns, on every token."""
     advantages = _per_token(rloo_advantages(_outcome(x), x.group_index), x.mask)
@@ -221,7 +224,7 @@ def reinforce_plus_plus_estimator(x: AdvantageInput, cfg: Any) -> AdvantageOutpu
     return AdvantageOutput(masked_whiten(returns, x.mask), returns)
 
 
-@register_advantage_estimator("reinforce_plus_plus_baseline", needs_critic=False)
+@register_advantage_estimator("reinforce_plus_plus_baseline", needs_critic=False, uses_groups=True)
 def reinforce_plus_plus_baseline_estimator(x: AdvantageInput, cfg: Any) -> AdvantageOutput:
     """REINFORCE++-baseline (Hu 2025; verl's ``reinforce_plus_plus_baseline``): the group mean is
     subtracted from each response's return, ``R_i - mean_g``, put on every token, then whitened over

@@ -140,7 +140,11 @@ class PPOModule(PolicyStage):
 
     @property
     def algorithm(self) -> str:
-        """The algorithm this configuration is, for the report: the estimator and what sets it apart."""
+        """The algorithm of the run, for the report: the estimator and what sets it apart. Evaluating
+        a checkpoint, the algorithm it was trained with (recorded in it), whatever the config says."""
+        return getattr(self, "_trained_algorithm", None) or self._configured_algorithm()
+
+    def _configured_algorithm(self) -> str:
         cfg = self.ppo
         names = {"gae": "PPO", "grpo": "GRPO" if cfg.norm_adv_by_std else "Dr. GRPO", "rloo": "RLOO",
                  "reinforce_plus_plus": "REINFORCE++", "reinforce_plus_plus_baseline": "REINFORCE++-baseline"}
@@ -418,12 +422,22 @@ class PPOModule(PolicyStage):
     # ---------------------------------------------------------------------------------------
     def stage_state(self) -> dict[str, Any]:
         return {"kl_coef": float(self.kl_coef), "score_moments": self.score_moments.state_dict(),
-                "rollouts_done": self.rollouts_done, "unscored": self.unscored.state_dict()}
+                "rollouts_done": self.rollouts_done, "unscored": self.unscored.state_dict(),
+                "algorithm": self.algorithm}
 
     def resume_settings(self) -> dict[str, Any]:
         return super().resume_settings() | {"model.ppo.kl_coef": self.ppo.kl_coef}
 
     def load_stage_state(self, state: dict[str, Any]) -> None:
+        trained, configured = state.get("algorithm"), self._configured_algorithm()
+        if trained and trained != configured:
+            fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+            log.warning("this checkpoint was trained with %s; the config describes %s%s", trained, configured,
+                        ": training goes on with the config's" if fitting else
+                        ": the report names the checkpoint's (give the run's config, e.g. --config "
+                        "configs/algorithms/<name>.yaml, to evaluate it with the settings it was trained with)")
+            if not fitting:
+                self._trained_algorithm = trained
         # The coefficient is the config's unless the adaptive controller carries one on (a kl_coef
         # given on resume restarts the controller from it).
         if self.ppo.adaptive_kl and not self.setting_changed_on_resume("model.ppo.kl_coef"):

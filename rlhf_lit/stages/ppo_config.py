@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
+from rlhf_lit.algos.advantages import ADVANTAGE_ESTIMATORS
 from rlhf_lit.algos.aggregation import LossAggMode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,8 +129,12 @@ class PPOConfig:
         need(self.ppo_epochs >= 1, "ppo_epochs", "an integer >= 1")
         need(self.num_minibatches >= 1, "num_minibatches", "an integer >= 1")
         need(self.samples_per_prompt >= 1, "samples_per_prompt", "an integer >= 1")
-        need(self.clip_eps > 0, "clip_eps", "a number > 0")
-        need(self.clip_eps_low is None or self.clip_eps_low > 0, "clip_eps_low", "null or a number > 0")
+        need(self.adv_estimator in ADVANTAGE_ESTIMATORS, "adv_estimator",
+             f"one of {sorted(ADVANTAGE_ESTIMATORS)} (rlhf_lit/algos/advantages.py)")
+        # The lower clip bound is the ratio 1 - eps: at eps >= 1 it is <= 0 and clips nothing.
+        need(0 < self.clip_eps < 1, "clip_eps", "a number in (0, 1)", "the ratio is clipped to [1 - eps, 1 + eps]")
+        need(self.clip_eps_low is None or 0 < self.clip_eps_low < 1, "clip_eps_low", "null or a number in (0, 1)",
+             "the lower clip bound is 1 - clip_eps_low")
         need(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "null or a number > 0")
         need(self.dual_clip_c is None or self.dual_clip_c > 1, "dual_clip_c", "null or a number > 1")
         need(self.vf_clip_eps > 0, "vf_clip_eps", "a number > 0")
@@ -151,6 +159,11 @@ class PPOConfig:
         for name in ("clip_eps", "vf_clip_eps", "vf_coef", "gamma", "lam", "kl_coef", "kl_target", "overlong_penalty",
                      "rollout_is_cap"):
             need(math.isfinite(getattr(self, name)), name, "a finite number")
+        if ADVANTAGE_ESTIMATORS[self.adv_estimator].uses_groups and self.samples_per_prompt == 1:
+            log.warning("model.ppo.adv_estimator=%s with model.ppo.samples_per_prompt=1: every group holds one "
+                        "response, so there is no group baseline (each response's advantage is its own return); "
+                        "sample several responses per prompt, e.g. --model.ppo.samples_per_prompt 4 "
+                        "(configs/algorithms/*.yaml set it)", self.adv_estimator)
 
     @property
     def eps_low(self) -> float:
