@@ -22,7 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from rlhf_lit.checkpoint_io import AtomicCheckpointIO, DamagedCheckpointError, check_checkpoint
 from rlhf_lit.cli_checks import check_checkpoint_exists, check_config_files
 from rlhf_lit.console import console_callbacks
-from rlhf_lit.errors import RunStateError
+from rlhf_lit.errors import ConfigError, RunStateError
 from rlhf_lit.interrupts import InterruptHandling
 from rlhf_lit.parallel import check_strategy
 from rlhf_lit.paths import tokenizer_path
@@ -156,7 +156,14 @@ class RLHFCLI(LightningCLI):
 
     def _instantiate_trainer(self, config, callbacks):
         # The console's progress bar and validation lines join the configured callbacks (console.py).
-        return super()._instantiate_trainer(config, [*callbacks, *console_callbacks(config)])
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            return super()._instantiate_trainer(config, [*callbacks, *console_callbacks(config)])
+        except (MisconfigurationException, ValueError) as e:
+            # Lightning checks accelerator, strategy, devices and num_nodes here: a user's setting.
+            raise ConfigError(f"trainer: {e} (check trainer.accelerator, trainer.strategy, trainer.devices and "
+                              f"trainer.num_nodes)") from e
 
     def _place_checkpoints(self) -> None:
         # '--ckpt_path last' is resolved before the callbacks' setup, so the checkpoint folder must

@@ -36,6 +36,21 @@ def test_strategies_the_stages_cannot_run_under_are_refused_before_anything_load
     assert not run_dir.exists()  # nothing started
 
 
+@pytest.mark.parametrize("option, says", [
+    ("--trainer.strategy=foo", "Invalid strategy name"),
+    ("--trainer.accelerator=gpu" if not torch.cuda.is_available() else "--trainer.devices=999", ""),
+])
+def test_trainer_settings_lightning_refuses_are_a_user_error(tmp_path, option, says):
+    """What Lightning's Trainer refuses (an unknown strategy, a GPU that is not there) is a one-line
+    ConfigError naming the trainer options, not a traceback; nothing is written."""
+    run_dir = tmp_path / "run"
+    with pytest.raises(ConfigError) as e:
+        run_cli("fit", "--config", "configs/demo.yaml", option, f"--trainer.logger.init_args.save_dir={run_dir}")
+    msg = str(e.value)
+    assert msg.startswith("trainer: ") and "trainer.strategy" in msg and says.lower() in msg.lower()
+    assert not run_dir.exists()
+
+
 @pytest.mark.parametrize("strategy", ["auto", "ddp", "ddp_find_unused_parameters_true", "single_device",
                                       {"class_path": "lightning.pytorch.strategies.DDPStrategy",
                                        "init_args": {"process_group_backend": "gloo"}}])
