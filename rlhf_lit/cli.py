@@ -24,7 +24,7 @@ from rlhf_lit.cli_checks import check_checkpoint_exists, check_config_files
 from rlhf_lit.console import console_callbacks
 from rlhf_lit.errors import ConfigError, RunStateError
 from rlhf_lit.interrupts import InterruptHandling
-from rlhf_lit.parallel import check_strategy
+from rlhf_lit.parallel import check_launcher_ranks, check_strategy
 from rlhf_lit.paths import tokenizer_path
 from rlhf_lit.rollout_limit import MaxRollouts
 from rlhf_lit.run_folder import RunFolderGuard, check_start, run_folder, summary
@@ -130,6 +130,7 @@ class RLHFCLI(LightningCLI):
     def _start(self, subcommand: str) -> None:
         """Before any model loads: checkpoint folder, checks, atomic checkpoints, Ctrl-C handling."""
         check_strategy(self.trainer.strategy)  # also what 'auto' chose, or an instance given from Python
+        check_launcher_ranks(self.trainer.strategy, self.trainer.num_nodes, self.trainer.num_devices)
         self._place_checkpoints()
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         check_start(self.trainer, subcommand, ckpt_path, getattr(self.model, "output_dir", None))

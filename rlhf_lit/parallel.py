@@ -114,6 +114,25 @@ def check_strategy(value: Any) -> None:
         raise ConfigError(message)
 
 
+def check_launcher_ranks(strategy: Any, num_nodes: int, devices: int) -> None:
+    """A launcher (torchrun, SLURM) that started another number of ranks than ``trainer.num_nodes x
+    trainer.devices`` is a :class:`~rlhf_lit.errors.ConfigError` naming both, before anything is
+    written (Lightning finds it later, as a traceback, inside ``fit``).
+
+    Raises:
+        ConfigError: the cluster environment's world size differs.
+    """
+    env = getattr(strategy, "cluster_environment", None)
+    if env is None:
+        return
+    try:
+        env.validate_settings(num_devices=devices, num_nodes=num_nodes)
+    except ValueError as e:
+        raise ConfigError(f"trainer.num_nodes={num_nodes} x trainer.devices={devices} does not match the ranks the "
+                          f"launcher started: {e} Give --trainer.num_nodes and --trainer.devices that multiply to "
+                          f"the launcher's world size (torchrun: --nnodes x --nproc_per_node).") from None
+
+
 # -------------------------------------------------------------------------------------------------
 # Collectives
 # -------------------------------------------------------------------------------------------------

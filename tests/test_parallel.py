@@ -96,3 +96,20 @@ def test_one_collective_logs_what_sync_dist_logged(tmp_path):
     assert r0["ours"]["episode"] == 2 ** 25 + 1  # exact in float64, where float32 rounds
     # A scalar only some ranks log: the mean over those (per-scalar all-reduces would hang)
     assert r0["optional"] == r1["optional"] == {"a": 1.0, "b": 2.0}
+
+
+def test_ranks_started_by_a_launcher_must_match_num_nodes_times_devices(monkeypatch):
+    """torchrun started 2 ranks but the config asks for 1 x 1: a ConfigError naming both, before
+    anything is written (Lightning's own check comes later, inside fit, as a traceback)."""
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from rlhf_lit.parallel import check_launcher_ranks
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29599", "TORCHELASTIC_RUN_ID": "test"}.items():
+        monkeypatch.setenv(k, v)
+    strategy = DDPStrategy(cluster_environment=TorchElasticEnvironment())
+    with pytest.raises(ConfigError, match=r"trainer.num_nodes=1 x trainer.devices=1 does not match .*world size \(2\)"):
+        check_launcher_ranks(strategy, num_nodes=1, devices=1)
+    check_launcher_ranks(strategy, num_nodes=1, devices=2)  # 1 x 2 = 2: fine
