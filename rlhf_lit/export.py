@@ -317,7 +317,8 @@ def read_reward_model_manifest(folder: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: no manifest, or a file it names is missing (named).
-        ValueError: not JSON, another format or version, or a missing field (named).
+        ValueError: not JSON, another format or version, or a missing field (named); a damaged head
+            file or one of another shape (:func:`check_reward_head`).
     """
     folder = Path(folder).expanduser()
     path = folder / RM_MANIFEST
@@ -337,7 +338,31 @@ def read_reward_model_manifest(folder: str | Path) -> dict:
     for key in ("adapter", "head", "tokenizer"):
         if not (folder / manifest[key]).exists():
             raise FileNotFoundError(f"{path}: '{key}' names {manifest[key]!r}, which is not in {folder}")
+    check_reward_head(folder / manifest["head"], manifest["hidden_size"])
     return manifest
+
+
+def check_reward_head(path: str | Path, hidden_size: int) -> None:
+    """The scalar head file of a reward model folder is a whole safetensors file holding ``weight``
+    of shape (1, ``hidden_size``) and ``bias`` of shape (1,). Reads the header only (bytes, not MBs).
+
+    Raises:
+        ValueError: naming the file, what is wrong (damaged, a tensor missing or of another shape)
+            and what was expected.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    expected = f"expected the reward model's scalar head: 'weight' (1, {hidden_size}) and 'bias' (1,)"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error type)
+        raise ValueError(f"{path} is damaged ({e}; {path.stat().st_size:,} bytes): {expected}; "
+                         f"export the reward model again") from None
+    want = {"weight": (1, int(hidden_size)), "bias": (1,)}
+    if any(shapes.get(k) != v for k, v in want.items()):
+        raise ValueError(f"{path} holds {shapes or 'no tensors'}; {expected} (hidden_size in its manifest)")
 
 
 # ---------------------------------------------------------------------------------------------

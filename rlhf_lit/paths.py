@@ -86,18 +86,22 @@ def _missing(name: str, where: str, expected: str, hub_file: str, revision: Opti
                                f"{expected}")
 
 
-def check_adapter_path(name: Optional[str], option: str = "sft_adapter") -> None:
+def check_adapter_path(name: Optional[str], option: str = "sft_adapter", where: Optional[str] = None) -> None:
     """Fail early, before any model loads, for an adapter that cannot load: a missing folder (with no
     network attempt for a local-looking path or when offline), no or unreadable
     ``adapter_config.json``, no weights file, or a damaged ``adapter_model.safetensors``.
 
+    Args:
+        where: what the messages begin with; default ``model.policy.<option>=<name>``. A caller whose
+            adapter the user did not name by that option (a reward model's folder) names its own.
+
     Raises:
-        MissingPathError: naming ``model.policy.<option>`` and the path.
-        InputFileError: naming the option and the damaged file (and its line, for JSON).
+        MissingPathError: naming ``where`` (``model.policy.<option>``) and the path.
+        InputFileError: naming ``where`` and the damaged file (and its line, for JSON).
     """
     if name is None or is_builtin(name):
         return
-    where = f"model.policy.{option}={name!r}"
+    where = where or f"model.policy.{option}={name!r}"
     p = Path(name).expanduser()
     if not p.exists():
         _missing(name, where, "a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)",

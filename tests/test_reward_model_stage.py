@@ -191,6 +191,61 @@ def test_the_backend_checks_its_folder_when_built(trained_rm, tmp_path):
         TrainedRewardModel(path=str(copy))
 
 
+@pytest.fixture(scope="module")
+def exported_rm(tmp_path_factory):
+    """A reward model folder as the stage exports it, without training: the demo base, a fresh LoRA
+    and head (export_reward_model, as the stage calls it)."""
+    from rlhf_lit.export import export_reward_model
+    from rlhf_lit.model import POLICY
+    from rlhf_lit.paths import resolve_model_path
+    from rlhf_lit.tokenizer import load_tokenizer
+
+    pm = PolicyModel(PolicyConfig(base_model="builtin:demo", sft_adapter=None, dtype="float32"), torch.device("cpu"))
+    out = tmp_path_factory.mktemp("exported_rm") / "reward_model"
+    export_reward_model(pm.peft, POLICY, pm.value_head, load_tokenizer(resolve_model_path("builtin:demo")), out,
+                        {"base_model": "builtin:demo", "system_prompt": "be civil"})
+    return out, int(pm.value_head.weight.shape[1])
+
+
+def _cut_to_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_damaged_or_misshapen_head_is_named_when_the_backend_is_built(exported_rm, tmp_path):
+    from safetensors.torch import save_file
+
+    from rlhf_lit.errors import InputFileError
+    from rlhf_lit.rewards import TrainedRewardModel
+
+    folder, hidden = exported_rm
+    copy = tmp_path / "rm"
+    shutil.copytree(folder, copy)
+    TrainedRewardModel(path=str(copy), name="moderator_rm")  # intact: builds
+    _cut_to_half(copy / "head.safetensors")
+    with pytest.raises(InputFileError, match=rf"TrainedRewardModel 'moderator_rm' \(path='.*rm'\): .*rm/head\.safetensors "
+                                             rf"is damaged \(.*bytes\): expected the reward model's scalar head: "
+                                             rf"'weight' \(1, {hidden}\) and 'bias' \(1,\)"):
+        TrainedRewardModel(path=str(copy), name="moderator_rm")  # raised by the constructor: no model loaded yet
+    save_file({"weight": torch.zeros(1, hidden + 1), "bias": torch.zeros(1)}, str(copy / "head.safetensors"))
+    with pytest.raises(InputFileError, match=rf"head\.safetensors holds .*'weight': \(1, {hidden + 1}\).*"
+                                             rf"expected .*'weight' \(1, {hidden}\)"):
+        TrainedRewardModel(path=str(copy), name="moderator_rm")
+
+
+def test_a_damaged_adapter_names_the_backend_not_a_policy_option(exported_rm, tmp_path):
+    from rlhf_lit.errors import InputFileError
+    from rlhf_lit.rewards import TrainedRewardModel
+
+    copy = tmp_path / "rm"
+    shutil.copytree(exported_rm[0], copy)
+    _cut_to_half(copy / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(InputFileError, match=r"TrainedRewardModel 'moderator_rm' \(path='.*rm'\): its adapter .*: "
+                                             r".*rm/adapter/adapter_model\.safetensors is damaged") as e:
+        TrainedRewardModel(path=str(copy), name="moderator_rm")
+    assert "model.policy" not in str(e.value)
+
+
 def test_a_tokenizer_that_does_not_fit_the_base_is_refused_at_load(trained_rm, tmp_path):
     from transformers import AutoTokenizer
 

@@ -21,6 +21,7 @@ from rlhf_lit.algos.sequence_scores import score_after_last_token, with_trailing
 from rlhf_lit.export import RM_HEAD, read_reward_model_manifest
 from rlhf_lit.model import PolicyConfig, PolicyModel
 from rlhf_lit.errors import ConfigError, InputFileError, MissingPathError, UserError
+from rlhf_lit.paths import check_adapter_path
 from rlhf_lit.tokenizer import load_tokenizer, reconcile_special_tokens
 
 from .base import RewardBackend, RewardOutput
@@ -76,9 +77,12 @@ class TrainedRewardModel(RewardBackend):
             raise MissingPathError(f"TrainedRewardModel {self.name!r}: path={path!r} is not a folder (expected the "
                                    f"'reward_model' folder a reward-model run exports: <its model.output_dir>)")
         try:
-            read_reward_model_manifest(folder)
+            manifest = read_reward_model_manifest(folder)
         except (OSError, ValueError) as e:
             raise InputFileError(f"TrainedRewardModel {self.name!r} (path={path!r}): {e}") from None
+        # Its adapter is no model.policy.* option of the user's: name this backend instead.
+        check_adapter_path(str(folder / manifest["adapter"]), where=f"TrainedRewardModel {self.name!r} "
+                           f"(path={path!r}): its adapter {folder / manifest['adapter']}")
         self.base_model, self.quantization, self.dtype = base_model, quantization, dtype
         self.attn_implementation = attn_implementation
         self.batch_size = int(batch_size)
@@ -114,8 +118,10 @@ class TrainedRewardModel(RewardBackend):
         try:
             model = PolicyModel(config, load_on)
         except UserError as e:  # its messages name model.policy.*: here they are this backend's
-            raise ConfigError(f"TrainedRewardModel {self.name!r} ({str(folder)!r}, base_model={config.base_model!r} "
-                              f"from {'base_model' if self.base_model else 'its manifest'}): {e}") from None
+            detail = str(e).replace(f"model.policy.policy_adapter={config.policy_adapter!r}",
+                                    f"its adapter {config.policy_adapter}")
+            raise ConfigError(f"TrainedRewardModel {self.name!r} (path={self.path!r}, base_model={config.base_model!r} "
+                              f"from {'base_model' if self.base_model else 'its manifest'}): {detail}") from None
         head = load_file(str(folder / manifest["head"]))
         if tuple(head["weight"].shape) != tuple(model.value_head.weight.shape):
             raise InputFileError(f"{folder / RM_HEAD}: a head for hidden size {tuple(head['weight'].shape)[1]}, but "
