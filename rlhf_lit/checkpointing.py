@@ -13,11 +13,21 @@ data loader draws a seed from the global generator), and a resumed run neither s
 (Lightning fast-forwards past a validation that follows a checkpoint of the train batch's end) nor
 samples from a different random state than a straight run. A run killed during that validation
 resumes from the checkpoint before it and repeats the steps in between.
+
+A run folder that was copied or moved (or named by another spelling of its path) resumes from a
+checkpoint that records the folder it was written in. Lightning then takes the folder's
+``last.ckpt`` for another run's and writes ``last-v1.ckpt`` beside it (its version counter), so
+``last.ckpt`` goes stale. The callback owns its folder: resumed from a checkpoint in it, it reads
+the recorded file paths as paths in this folder, and keeps writing ``last.ckpt`` and replacing its
+own older files exactly as an unmoved resume does. A checkpoint of another folder is left as
+Lightning treats it (new files get versioned names; the files already there stay).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from pathlib import Path
+from typing import Any, Optional
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -45,6 +55,25 @@ class RolloutCheckpoint(ModelCheckpoint):
         super().__init__(filename=filename, save_last=save_last, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
         self.every_n_rollouts = every_n_rollouts
         self._after_validation = False  # a save due at this step waits for the validation that follows
+        self._resume_path: Optional[str] = None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        # Lightning calls this just before load_state_dict, with 'last' resolved to a file.
+        self._resume_path = trainer.ckpt_path
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        recorded = state_dict.get("dirpath")
+        if recorded and self.dirpath and recorded != self.dirpath and self._resumes_own_folder():
+            state_dict = _moved_to(state_dict, recorded, self.dirpath)
+        super().load_state_dict(state_dict)
+
+    def _resumes_own_folder(self) -> bool:
+        """Whether the checkpoint being resumed lies in this callback's folder (a local one)."""
+        path = self._resume_path
+        if not path or "://" in str(path) or "://" in str(self.dirpath):
+            return False
+        return Path(path).resolve().parent == Path(self.dirpath).resolve()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         done = pl_module.history_done() if hasattr(pl_module, "history_done") else None
@@ -87,6 +116,25 @@ class RolloutCheckpoint(ModelCheckpoint):
     def _should_skip_saving_checkpoint_ignoring_step(self, trainer) -> bool:
         return bool(trainer.fast_dev_run or trainer.state.fn != "fit" or trainer.sanity_checking)
 
+
+
+def _moved_to(state: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+    """``ModelCheckpoint``'s state with the paths of files in folder ``old`` (last, best, k-th best,
+    the top-k) turned into the same files in folder ``new``; other paths are kept."""
+    old_dir = os.path.normpath(old)
+
+    def move(path: Any) -> Any:
+        if isinstance(path, str) and path and os.path.normpath(os.path.dirname(path)) == old_dir:
+            return os.path.join(new, os.path.basename(path))
+        return path
+
+    moved = {**state, "dirpath": new}
+    for key in ("last_model_path", "best_model_path", "kth_best_model_path"):
+        if key in state:
+            moved[key] = move(state[key])
+    if isinstance(state.get("best_k_models"), dict):
+        moved["best_k_models"] = {move(k): v for k, v in state["best_k_models"].items()}
+    return moved
 
 
 def _validation_follows(trainer) -> bool:
