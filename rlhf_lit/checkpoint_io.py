@@ -19,7 +19,7 @@ import os
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -63,6 +63,17 @@ def newest_intact_checkpoint(folder: str | os.PathLike, exclude: Optional[Path] 
         if checkpoint_problem(p) is None:
             return p
     return None
+
+
+def resume_checkpoint(folders: Iterable[str | os.PathLike]) -> Optional[Path]:
+    """The checkpoint ``--ckpt_path last`` resumes from: the most recently modified ``last*.ckpt``
+    (``last.ckpt``, or a versioned ``last-v1.ckpt``) in ``folders``, or None when there is none.
+
+    The rule is Lightning's (``_CheckpointConnector._parse_ckpt_path`` takes the newest, by
+    modification time, of ``ModelCheckpoint._find_last_checkpoints``); the CLI's checks at start
+    and ``export <run folder>`` both ask here, so they name the file that ``fit`` resumes from."""
+    lasts = [p for f in folders if Path(f).is_dir() for p in Path(f).glob("last*.ckpt") if p.is_file()]
+    return max(lasts, key=lambda p: p.stat().st_mtime) if lasts else None
 
 
 def damaged_checkpoint_message(path: str | os.PathLike, problem: str) -> str:

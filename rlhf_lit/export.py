@@ -384,12 +384,15 @@ def join_dash_values(argv: Sequence[str], options: Sequence[str] = ("--suffix",)
 
 
 def _checkpoint_of(path: Path) -> Path:
-    """A checkpoint file, or a run folder's (or checkpoint folder's) ``last.ckpt``."""
+    """A checkpoint file, or the checkpoint that ``--ckpt_path last`` resumes a run folder (or
+    checkpoint folder) from: its newest ``last*.ckpt``."""
     if path.is_dir():
-        for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-            if candidate.is_file():
-                return candidate
-        raise FileNotFoundError(f"{path} holds no checkpoints/last.ckpt: give a checkpoint file")
+        from rlhf_lit.checkpoint_io import resume_checkpoint
+
+        found = resume_checkpoint([path / "checkpoints", path])
+        if found is None:
+            raise FileNotFoundError(f"{path} holds no checkpoints/last.ckpt: give a checkpoint file")
+        return found
     return path
 
 
@@ -400,7 +403,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         description="Turn a checkpoint of a run into the plain PEFT LoRA adapter (adapter_config.json + "
                     "adapter_model.safetensors), without training or loading a model; optionally copy it into "
                     "social-sim's loras folder under its naming.")
-    ap.add_argument("checkpoint", help="a .ckpt file, or a run folder (its checkpoints/last.ckpt)")
+    ap.add_argument("checkpoint", help="a .ckpt file, or a run folder (its checkpoints/last.ckpt: the checkpoint "
+                                       "'--ckpt_path last' resumes from)")
     ap.add_argument("--out", help="the adapter folder to write (default: <run folder>/adapter-<checkpoint name>)")
     ap.add_argument("--loras-path", help="also copy it into social-sim's loras folder")
     ap.add_argument("--cluster", type=int, help="persona cluster id i (with --loras-path)")

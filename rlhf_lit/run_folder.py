@@ -25,7 +25,7 @@ from typing import Any, Optional
 from lightning.pytorch.callbacks import Callback
 
 from rlhf_lit.checkpoint_io import (
-    DamagedCheckpointError, check_checkpoint, checkpoint_settings, newest_intact_checkpoint,
+    DamagedCheckpointError, check_checkpoint, checkpoint_settings, newest_intact_checkpoint, resume_checkpoint,
 )
 from rlhf_lit.errors import RunStateError
 from rlhf_lit.export import check_replaceable
@@ -90,9 +90,8 @@ def check_start(trainer, subcommand: str, ckpt_path: Optional[str], output_dir: 
                     )
     resume_from = None
     if ckpt_path == "last":
-        lasts = [p for f in folders for p in f.glob("last*.ckpt")]
-        if lasts:
-            resume_from = max(lasts, key=lambda p: p.stat().st_mtime)  # the one Lightning picks
+        resume_from = resume_checkpoint(folders)  # the one Lightning picks
+        if resume_from is not None:
             _check_intact(resume_from)
         else:
             others = [good for good in (newest_intact_checkpoint(f) for f in folders) if good is not None]

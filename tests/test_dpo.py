@@ -160,6 +160,49 @@ def test_resume_matches_a_straight_run(tmp_path):
     assert (resumed / FILE_NAME).is_file() and (resumed / "adapter" / "adapter_config.json").is_file()
 
 
+def test_a_copied_run_folder_resumes_into_its_own_last_ckpt_and_export_takes_it(tmp_path):
+    """A run folder copied (or moved) and resumed with '--ckpt_path last' rewrites its own last.ckpt
+    and step files, as an unmoved resume does (Lightning took the copied last.ckpt for another run's,
+    wrote last-v1.ckpt beside it, and 'export <run folder>' then exported the stale last.ckpt);
+    'export <run folder>' takes the checkpoint that '--ckpt_path last' resumes from. A resume from
+    another folder's checkpoint still leaves the files of the run in this folder alone."""
+    import shutil
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from rlhf_lit.cli import main
+
+    common = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=8", "--trainer.limit_val_batches=0",
+              "--trainer.callbacks.init_args.every_n_rollouts=2", "--model.init_args.dpo.precompute_ref_logps=false"]
+    first, copy = tmp_path / "a", tmp_path / "b"
+    run_cli("fit", *_dpo_args(first, *common, "--trainer.max_steps=4"))
+    shutil.copytree(first, copy)
+    resumed = run_cli("fit", *_dpo_args(copy, *common, "--trainer.max_steps=6"), "--ckpt_path=last")
+
+    ckpts = copy / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step-6.ckpt"]  # as in an unmoved resume
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 6 and last["rlhf_lit"]["steps_done"] == 6
+    assert [m["train_step"] for m in read_metrics(copy)] == [1, 2, 3, 4, 5, 6]
+
+    out = main(["export", str(copy), "--out", str(tmp_path / "exported")])
+    got = load_file(out / "adapter_model.safetensors")
+    want = get_peft_model_state_dict(resumed.model.model.peft, adapter_name="policy")
+    assert got.keys() == {k for k in want if "lora_" in k}
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    stale = load_file(main(["export", str(first), "--out", str(tmp_path / "step4")]) / "adapter_model.safetensors")
+    assert any(not torch.equal(got[k], stale[k]) for k in got)  # the two steps changed the adapter
+
+    # Another run's checkpoint resumed into this folder: its files get versioned names, this run's stay.
+    before = (ckpts / "last.ckpt").read_bytes()
+    run_cli("fit", *_dpo_args(copy, *common, "--trainer.max_steps=5"), f"--ckpt_path={first / 'checkpoints' / 'last.ckpt'}")
+    assert (ckpts / "last.ckpt").read_bytes() == before and (ckpts / "step-6.ckpt").is_file()
+    assert (ckpts / "last-v1.ckpt").is_file()
+    # Now the newest last*.ckpt, so '--ckpt_path last' resumes from it, and the export takes it too.
+    assert main(["export", str(copy)]) == copy / "adapter-last-v1"
+
+
 def test_a_run_killed_in_validation_resumes_it_and_matches_a_straight_run(tmp_path):
     """Killed (no handler runs) in the validation after step 2, where a checkpoint is also due: the
     resumed run has that validation's line and the straight run's figures and weights. The checkpoint
