@@ -248,6 +248,7 @@ def test_ppo_step_trains_both_adapters_and_the_checkpoint_fits_only_its_kind(tmp
     with pytest.raises(ConfigError, match="unexpected") as e:
         module("value_head").on_load_checkpoint(ckpt)
     assert "critic='adapter'" in str(e.value) and "critic='value_head'" in str(e.value)
+    assert "--model.policy.critic adapter" in str(e.value)  # what to give instead
     head_only = {"state_dict": {k: v for k, v in ckpt["state_dict"].items() if f".{CRITIC}." not in k},
                  "rlhf_lit": {**ckpt["rlhf_lit"], "critic": "value_head"}}
     module("value_head").on_load_checkpoint(head_only)

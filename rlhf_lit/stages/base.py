@@ -251,12 +251,16 @@ class AdapterStage(LightningModule):
                  f"critic={meta.get('critic', 'value_head')!r}")
         if missing or wrong or unexpected:
             example = (missing or wrong or unexpected)[0]
+            saved_critic = meta.get("critic", "value_head")
+            hint = (f"; to use it, give the run's own config (a critic-free estimator's run: add its "
+                    f"--config configs/algorithms/<name>.yaml) or --model.policy.critic {saved_critic}"
+                    if saved_critic != self.policy_config.critic else "")
             raise ConfigError(
                 f"this checkpoint does not fit the configured model (a checkpoint of another stage or run? {len(missing)} trained tensors missing, "
                 f"{len(wrong)} of another shape, {len(unexpected)} unexpected, e.g. {example!r}); it was "
                 f"written for {where}, the config "
                 f"has base_model={self.policy_config.base_model!r}, sft_adapter={self.policy_config.sft_adapter!r}, "
-                f"critic={self.policy_config.critic!r}"
+                f"critic={self.policy_config.critic!r}{hint}"
             )
         if self._trainer is not None and self.trainer.state.fn == "fit":
             # Settings given on resume: refused here, before anything runs, or applied.
