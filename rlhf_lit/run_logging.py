@@ -68,7 +68,8 @@ class RunLog:
     def append_metrics(self, rollout: int, metrics: dict[str, float], counter: str = "rollout") -> None:
         """One line of ``metrics.jsonl``: ``{counter: rollout, "step": global_step, **metrics}`` (a stage
         without rollouts names its own counter, e.g. ``train_step``); non-finite values become null."""
-        clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+        # The counter stays the integer given here (a stage may also log it as a float scalar).
+        clean = {k: (v if math.isfinite(v) else None) for k, v in metrics.items() if k != counter}
         self._append("metrics.jsonl", {counter: rollout, "step": self.trainer.global_step, **clean})
 
     def samples(self, rollout: int, prompts: Sequence[str], responses: Sequence[str],

@@ -183,6 +183,7 @@ def test_resume_after_a_crash_logs_each_rollout_once(run_copy):
     run_cli("fit", *fast_args(run_copy, *BASE, "--trainer.limit_train_batches=4"), "--ckpt_path=last")
     rows = history(run_copy)
     assert [m["rollout"] for m in rows] == [1, 2, 3, 4]
+    assert all(type(m["rollout"]) is int for m in rows)  # the counter, not the float scalar TensorBoard gets
     assert [s["rollout"] for s in history(run_copy, "samples.jsonl")] == [r for r in (1, 2, 3, 4) for _ in range(4)]
     for tag in ("objective/scores", "loss/policy_avg", "samples/text_summary"):
         assert tb_steps(run_copy, tag) == [0, 1, 2, 3], tag  # TensorBoard step of rollout r: r - 1

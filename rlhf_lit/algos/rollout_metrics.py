@@ -35,7 +35,7 @@ def rollout_metrics(
       ``objective/rlhf_reward``: mean of shaped score + non-score reward over them;
     - ``objective/entropy``: mean per-response sum of token entropies (``_per_token``: token mean);
     - ``val/num_eos_tokens``: responses that emitted a stop token; ``val/explained_variance`` of
-      the critic (0 without one); ``response/length_mean`` in tokens;
+      the critic (only with one); ``response/length_mean`` in tokens;
       ``perf/tokens_per_sec``: generated tokens per second of sampling;
     - ``reward/<name>``: mean of each reward component over the scored samples.
 
@@ -56,7 +56,6 @@ def rollout_metrics(
     seq_kl = kl.sum(-1)
     non_score = (-kl_coef * kl).sum(-1) if kl_in_reward else torch.zeros_like(seq_kl)
     lengths = response_mask.sum(-1).float()
-    ev = explained_variance(values, returns, update_mask) if values is not None else torch.zeros(())
     metrics = {
         "objective/kl": seq_kl.mean(),
         "objective/kl_coef": torch.tensor(float(kl_coef)),
@@ -67,10 +66,11 @@ def rollout_metrics(
         "objective/rlhf_reward": masked_mean(scores + non_score, valid),
         "objective/valid_fraction": valid.float().mean(),
         "val/num_eos_tokens": has_stop.float().sum(),
-        "val/explained_variance": ev,
         "response/length_mean": lengths.mean(),
         "perf/tokens_per_sec": lengths.sum() / max(rollout_seconds, 1e-9),
     }
+    if values is not None:  # critic-free estimators have no value function to explain anything
+        metrics["val/explained_variance"] = explained_variance(values, returns, update_mask)
     for name, comp in components.items():
         metrics[f"reward/{name}"] = masked_mean(comp.to(valid.device), valid)
     return {k: float(v) for k, v in metrics.items()}
