@@ -90,8 +90,8 @@ class _HeadLogprobs(torch.autograd.Function):
                 lse[s:e] = torch.logsumexp(z, dim=-1)
                 logp[s:e] = z.gather(1, tokens[s:e, None]).squeeze(1) - lse[s:e]
                 if want_entropy:
-                    # H = lse - sum p z, with p = exp(z - lse) formed in place over z's buffer.
-                    zp = torch.exp(z - lse[s:e, None]).mul_(z)
+                    # H = lse - sum p z, with p = exp(z - lse): one more chunk-sized buffer, exp'd in place.
+                    zp = torch.sub(z, lse[s:e, None]).exp_().mul_(z)
                     ent[s:e] = lse[s:e] - zp.sum(-1)
         ctx.save_for_backward(h, weight, tokens, lse)
         ctx.temperature, ctx.chunk, ctx.dtype = temperature, chunk, dtype
@@ -111,8 +111,9 @@ class _HeadLogprobs(torch.autograd.Function):
             for s in range(0, h.shape[0], chunk):
                 e = min(s + chunk, h.shape[0])
                 z = _chunk_logits(h[s:e], weight, dtype, T)
-                # dL/d(hW^T) = (g / T) (onehot(a) - p): p in place over z, then the one-hot term.
-                dz = torch.exp(z.sub_(lse[s:e, None])).mul_(-g[s:e, None])
+                # dL/d(hW^T) = (g / T) (onehot(a) - p): p in place over z's buffer (one chunk-sized
+                # fp32 buffer fewer while every layer's activations are still held), then the one-hot term.
+                dz = z.sub_(lse[s:e, None]).exp_().mul_(-g[s:e, None])
                 dz.scatter_add_(1, tokens[s:e, None], g[s:e, None])
                 dz = dz.to(dtype)
                 if need_h:

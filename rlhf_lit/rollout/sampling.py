@@ -40,4 +40,5 @@ def sample_from_filtered(scores: Tensor, generator=None) -> Tensor:
     """
     probs = torch.softmax(scores, -1)
     u = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype)
-    return torch.argmin(probs / u.log_(), -1)
+    # In place: at GRPO batch sizes (512 rows x 152k) each fp32 buffer is 0.3 GB of the rollout's peak.
+    return torch.argmin(probs.div_(u.log_()), -1)
