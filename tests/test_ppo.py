@@ -769,3 +769,25 @@ def test_largest_divisor_within_budget():
     assert largest_divisor_within(16, 5.0, 1.0) == 1    # nothing fits: one sequence at a time
     with pytest.raises(ValueError):
         largest_divisor_within(0, 1.0, 1.0)
+
+
+def test_no_grad_micro_batch_keeps_each_forward_within_the_token_budget():
+    """Experience forwards: 4 (16 without checkpointing) training micro-batches of rows, and with
+    checkpointing and the row length given, at most NO_GRAD_TOKENS positions (a divisor of the rows)."""
+    from types import SimpleNamespace
+
+    from rlhf_lit.stages.update_step import NO_GRAD_TOKENS, UpdateStep
+
+    def step(ckpt: bool, micro: int) -> UpdateStep:
+        module = SimpleNamespace(policy_config=SimpleNamespace(gradient_checkpointing=ckpt))
+        return UpdateStep(module, micro, 1.0, minibatch_size=16)
+
+    assert step(True, 16).no_grad_micro_batch(64) == 64          # 4 x 16, capped by the rows
+    assert step(False, 8).no_grad_micro_batch(512) == 128        # 16 x 8
+    # PPO benchmark: 64 rows of 64 + 128 positions -> 32 rows (6,144 positions; 64 would be 12,288)
+    assert step(True, 16).no_grad_micro_batch(64, 192) == 32
+    assert 32 * 192 <= NO_GRAD_TOKENS < 64 * 192
+    assert step(True, 32).no_grad_micro_batch(512, 192) == 32    # 512 rows of 192 -> 32 (a divisor)
+    assert step(False, 8).no_grad_micro_batch(512, 192) == 128   # no checkpointing: no token cap
+    assert step(True, 4).no_grad_micro_batch(8, 40) == 8         # short rows: the row cap binds
+    assert step(True, 16).no_grad_micro_batch(6, NO_GRAD_TOKENS + 1) == 1  # one long row at a time

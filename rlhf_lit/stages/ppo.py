@@ -208,7 +208,8 @@ class PPOModule(PolicyStage):
         t = self._clock()
         sampled = ResponseBatch(batch["input_ids"], batch["attention_mask"], responses.response_ids,
                                 responses.response_mask)
-        micro = self.update_step.no_grad_micro_batch(sampled.query_ids.shape[0])
+        micro = self.update_step.no_grad_micro_batch(sampled.query_ids.shape[0],
+                                                     sampled.query_ids.shape[1] + sampled.response_ids.shape[1])
         policy_out = self.model.evaluate(sampled, T, POLICY, micro, entropy=True)        # 3. evaluate
         ref_out = self.model.evaluate(sampled, T, REFERENCE, micro)
         timings["time/ref_values_s"] = self._clock() - t
