@@ -4,7 +4,8 @@ Workload (both frameworks): a randomly initialised model of the exact Qwen2.5-7B
 an SFT-shaped LoRA (r=16, alpha 16, all seven projections), 64 prompts of 64 tokens, 8 samples per
 prompt (512 responses), 128 new tokens forced (min_new_tokens = max_new_tokens = 128), 1 epoch of 4
 minibatches (128 responses each), KL to the reference in the loss with beta 0.04 (k3), bf16,
-gradient checkpointing (``-nockpt`` runs: off, micro-batches of ``--nockpt-micro-batch``), and a cheap
+gradient checkpointing (``-nockpt`` runs: off, micro-batches of ``--nockpt-micro-batch``; ``-amb``:
+compiled layers under ``policy.activation_memory_budget`` = ``--activation-memory-budget``), and a cheap
 Python reward (distinct words / words). TRL: LoRA through
 ``peft_config`` (its reference = the adapter disabled), its own generation (HF ``generate``, no
 vLLM), ``per_device_train_batch_size=16, gradient_accumulation_steps=8, steps_per_generation=32``
@@ -31,6 +32,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,7 +45,7 @@ from ppo_iteration import _peak_gib, _steady, _sync, _versions, fmt  # noqa: E40
 
 from rlhf_lit.atomic_files import write_text_atomic  # noqa: E402
 
-RUNS = ("ours-bf16", "ours-nf4", "ours-bf16-nockpt", "ours-nf4-nockpt", "trl-bf16", "trl-nf4")
+RUNS = ("ours-bf16", "ours-nf4", "ours-bf16-nockpt", "ours-nf4-nockpt", "ours-bf16-nockpt-amb", "trl-bf16", "trl-nf4")
 GROUP, EPOCHS, MINIBATCHES, BETA = 8, 1, 4, 0.04
 # TRL 1.16 on this workload, one H200, measured when the issue was filed (bf16, checkpointing, beta 0.04).
 TRL_ISSUE_BASELINE = {"iteration_s": 63.0, "peak_gib": 43.8}
@@ -69,7 +71,7 @@ def _micro(args, shapes, ckpt: bool = True) -> int:
 # =============================================================================================
 # workers
 # =============================================================================================
-def worker_ours(args, result: dict, quantization: str, ckpt: bool = True) -> None:
+def worker_ours(args, result: dict, quantization: str, ckpt: bool = True, budget: Optional[float] = None) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -87,7 +89,9 @@ def worker_ours(args, result: dict, quantization: str, ckpt: bool = True) -> Non
     a = Path(args.assets)
     work = Path(tempfile.mkdtemp(prefix=f"{args.worker}-", dir=args.assets))
     micro = _micro(args, shapes, ckpt)
-    result.update(micro_batch=micro, gradient_checkpointing=ckpt, compile=not args.no_compile)
+    budget = budget if cuda and not args.no_compile else None  # a compiled-layer setting
+    result.update(micro_batch=micro, gradient_checkpointing=ckpt, compile=not args.no_compile,
+                  activation_memory_budget=budget)
     iters: list[dict] = []
 
     class Recorder(Callback):
@@ -124,7 +128,8 @@ def worker_ours(args, result: dict, quantization: str, ckpt: bool = True) -> Non
     module = PPOModule(
         policy=PolicyConfig(base_model=str(a / "base"), sft_adapter=str(a / "sft_adapter"), quantization=quantization,
                             dtype="bfloat16" if cuda else "float32", gradient_checkpointing=ckpt,
-                            compile=cuda and not args.no_compile, critic="none"),
+                            compile=cuda and not args.no_compile, critic="none",
+                            activation_memory_budget=budget),
         reward=DistinctWords(),
         ppo=PPOConfig(adv_estimator="grpo", samples_per_prompt=GROUP, ppo_epochs=EPOCHS, num_minibatches=MINIBATCHES,
                       micro_batch_size=micro, kl_in="loss", kl_estimator="k3", kl_coef=BETA,
@@ -240,7 +245,8 @@ def run_worker(args) -> int:
         else:
             framework, quantization, *variant = args.worker.split("-")
             if framework == "ours":
-                worker_ours(args, result, quantization, ckpt="nockpt" not in variant)
+                worker_ours(args, result, quantization, ckpt="nockpt" not in variant,
+                            budget=args.activation_memory_budget if "amb" in variant else None)
             else:
                 worker_trl(args, result, quantization)
         result["ok"] = True
@@ -260,7 +266,8 @@ def spawn(args, name: str, timeout: float) -> dict:
            "--iterations", str(args.iterations), "--engine", args.engine] \
         + (["--micro-batch", str(args.micro_batch)] if args.micro_batch else []) + (["--tiny"] if args.tiny else []) \
         + (["--nockpt-micro-batch", str(args.nockpt_micro_batch)] if args.nockpt_micro_batch else []) \
-        + (["--no-compile"] if args.no_compile else [])
+        + (["--no-compile"] if args.no_compile else []) \
+        + ["--activation-memory-budget", str(args.activation_memory_budget)]
     env = dict(os.environ)
     if name.startswith("trl-") and args.trl_path:  # TRL 1.16 beside another TRL the PPO benchmark uses
         env["PYTHONPATH"] = os.pathsep.join([args.trl_path, env.get("PYTHONPATH", "")])
@@ -294,6 +301,10 @@ def table(results: dict) -> str:
         note = f"steady = mean of {max(len(iters) - 1, 0)} after the warm-up" if len(iters) > 1 else "warm-up only"
         if name.startswith("trl"):
             note += "; rollout = TRL's generate + score + old/ref log-probs"
+        else:
+            note += f"; micro-batch {r.get('micro_batch')}"
+            if r.get("activation_memory_budget") is not None:
+                note += f", activation_memory_budget {r['activation_memory_budget']}"
         rows.append(f"| {name} | {r.get('engine', 'HF generate (TRL)')} | {fmt(s.get('iteration_s'), '.2f')} | "
                     f"{fmt(s.get('rollout_s'), '.2f')} | {fmt(s.get('reward_s'), '.2f')} | "
                     f"{fmt(s.get('ref_values_s'), '.2f')} | {fmt(s.get('update_s'), '.2f')} | "
@@ -311,6 +322,8 @@ def main() -> int:
     ap.add_argument("--nockpt-micro-batch", type=int, default=None,
                     help="our micro-batch of the -nockpt runs (gradient checkpointing off; default 8; tiny: 2)")
     ap.add_argument("--no-compile", action="store_true", help="our runs without policy.compile")
+    ap.add_argument("--activation-memory-budget", type=float, default=0.8,
+                    help="model.policy.activation_memory_budget of the -amb runs")
     ap.add_argument("--trl-path", default="", help="a folder put first on PYTHONPATH for the TRL runs")
     ap.add_argument("--assets", default=str(Path(tempfile.gettempdir()) / "rlhf_lit_grpo_bench"))
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (a CPU smoke test)")

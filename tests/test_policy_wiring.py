@@ -339,6 +339,47 @@ def test_compiled_layers_give_eager_gradients_and_compile_once(assets):
     assert any(float(g.abs().max()) > 0 for g in eager.values())
 
 
+def test_activation_memory_budget_saves_fewer_activations_for_the_same_gradients(assets):
+    """``activation_memory_budget`` below 1: the compiled layers keep fewer bytes for the backward
+    (the partitioner recomputes cheap ops) and the gradients are still eager's."""
+    def run(**kw):
+        pm = policy(assets, compile=True, **kw)
+        pm.train()
+        pm.zero_grad(set_to_none=True)
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        q, qm, r, rm = batch(0)
+        torch._dynamo.reset()
+        with pm.compiled(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = pm(ResponseBatch(q, qm, r, rm), TEMPERATURE)
+        ((out.logprobs * rm).sum() + (out.values * rm).square().sum()).backward()
+        return sum(saved), {n: p.grad.clone() for n, p in pm.trainable_named_parameters()}
+
+    full_bytes, full = run()
+    budget_bytes, budget = run(activation_memory_budget=0.5)
+    assert budget_bytes < 0.9 * full_bytes, (budget_bytes, full_bytes)
+    for n in full:
+        torch.testing.assert_close(budget[n], full[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("kw,expected", [
+    ({"activation_memory_budget": 0.0, "compile": True}, "expected null or a number in (0, 1]"),
+    ({"activation_memory_budget": float("nan"), "compile": True}, "expected null or a number in (0, 1]"),
+    ({"activation_memory_budget": 0.8}, "needs model.policy.compile: true"),
+])
+def test_activation_memory_budget_bad_values_are_named(kw, expected):
+    from rlhf_lit.errors import ConfigError
+    from rlhf_lit.model import PolicyConfig
+
+    with pytest.raises(ConfigError, match="model.policy.activation_memory_budget") as err:
+        PolicyConfig(**kw)
+    assert expected in str(err.value)
+
+
 def test_compiled_experience_forwards_match_eager_and_compile_once_per_role(assets):
     """``evaluate`` (old and reference log-probs, values) runs the compiled layers too: the same
     numbers as eager for both roles, and a second rollout of the same shapes compiles nothing."""

@@ -133,7 +133,8 @@ class PolicyModel(nn.Module):
         compiled; sampling does not (the rollout engine replays its own CUDA graph). Each adapter
         role and grad mode gets its own graph, and a second shape of each makes that graph dynamic:
         up to ~12 graphs with a critic adapter, so the recompile limit is raised to 32 (dynamo's
-        default of 8 would silently fall back to eager). Outside the block the layers run eagerly."""
+        default of 8 would silently fall back to eager). Outside the block the layers run eagerly.
+        ``config.activation_memory_budget`` is in force inside the block."""
         if not self.config.compile:
             yield
             return
@@ -144,8 +145,13 @@ class PolicyModel(nn.Module):
         # nn.Module.__call__ runs ``_compiled_call_impl`` when set: what ``Module.compile()`` sets.
         for layer, fn in zip(layers, self._compiled_layers):
             layer._compiled_call_impl = fn
+        budget = self.config.activation_memory_budget
+        # Read when a layer's training graph is partitioned: at its first call with gradients, here.
+        keep = contextlib.nullcontext() if budget is None else torch._functorch.config.patch(
+            activation_memory_budget=budget)
         try:
-            yield
+            with keep:
+                yield
         finally:
             for layer in layers:
                 layer._compiled_call_impl = None
