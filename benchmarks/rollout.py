@@ -226,15 +226,16 @@ def _kernel_totals(prof):
     return tot
 
 
-def profile_decode(model, batch, args, device, path, steps=8):
+def profile_decode(model, batch, args, device, path, steps=8, lora="fused"):
     """Per-step device time of the decode graph by kernel: a profile of prefill + ``steps`` replays
-    minus a profile of the prefill alone (CUPTI sees the kernels inside graph replays)."""
+    minus a profile of the prefill alone (CUPTI sees the kernels inside graph replays); ``lora`` is
+    the engine's LoRA mode."""
     from torch.profiler import ProfilerActivity, profile
 
     P = args.prompt_len
     ids, mask = prompts(batch, P, 152064, device, seed=5)
     acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-    eng = StaticCudaGraphGenerate()
+    eng = StaticCudaGraphGenerate(lora=lora)
     full = SamplingConfig(max_new_tokens=steps + 1, min_new_tokens=steps + 1, temperature=0.7)
     one = SamplingConfig(max_new_tokens=1, min_new_tokens=1, temperature=0.7)
     eng.generate(model, ids, mask, one, STOPS, PAD)
@@ -259,12 +260,12 @@ def profile_decode(model, batch, args, device, path, steps=8):
     launches = sum(r[1] for r in rows)
     wall = stats["decode_ms"] / max(stats["decode_steps"], 1) * 1e3
     with open(path, "w") as f:
-        f.write(f"decode graph, batch {batch}: {launches:.0f} kernels/step, summed kernel time {per_step:.0f} us/step, "
+        f.write(f"decode graph, lora={lora}, batch {batch}: {launches:.0f} kernels/step, summed kernel time {per_step:.0f} us/step, "
                 f"replay wall time {wall:.0f} us/step\n\n")
         f.write(f"{'us/step':>9} {'calls/step':>10}  kernel\n")
         for t, n, k in rows:
             f.write(f"{t:9.1f} {n:10.1f}  {k[:150]}\n")
-    print(f"profile -> {path}: {launches:.0f} kernels/step, {per_step / 1e3:.2f} ms kernel time/step, "
+    print(f"profile -> {path} (lora={lora}, batch {batch}): {launches:.0f} kernels/step, {per_step / 1e3:.2f} ms kernel time/step, "
           f"{wall / 1e3:.2f} ms wall/step", flush=True)
 
 
@@ -293,7 +294,8 @@ def main():
     ap.add_argument("--merged", action="store_true",
                     help="also time lora=merged (model.rollout_engine: cuda_graph_merged) at every batch and precision")
     ap.add_argument("--ratio-check", action="store_true", help="engine log-probs vs a fresh forward (bf16)")
-    ap.add_argument("--profile", default="", help="write a kernel table of bf16 decode at the largest batch here")
+    ap.add_argument("--profile", default="", help="write kernel tables of bf16 decode at the smallest and largest batch here "
+                         "(<stem>_<lora>_bs<batch>.txt; with --merged for both LoRA modes)")
     ap.add_argument("--save-dir", default="/tmp/rand_qwen7b")
     ap.add_argument("--json", default="")
     ap.add_argument("--tiny", action="store_true", help="a small model of the same family (smoke test)")
@@ -359,10 +361,11 @@ def main():
                 traceback.print_exc()
         if args.profile:
             for b in sorted({min(batches), max(batches)}):
-                try:
-                    profile_decode(pm, b, args, device, args.profile.replace(".txt", f"_bs{b}.txt"))
-                except Exception:
-                    traceback.print_exc()
+                for lora in ("fused", "merged") if args.merged else ("fused",):
+                    try:
+                        profile_decode(pm, b, args, device, args.profile.replace(".txt", f"_{lora}_bs{b}.txt"), lora=lora)
+                    except Exception:
+                        traceback.print_exc()
         del pm
     del model
     gc.collect()
