@@ -89,9 +89,9 @@ def worker_ours(args, result: dict, quantization: str, ckpt: bool = True, budget
     a = Path(args.assets)
     work = Path(tempfile.mkdtemp(prefix=f"{args.worker}-", dir=args.assets))
     micro = _micro(args, shapes, ckpt)
-    budget = budget if cuda and not args.no_compile else None  # a compiled-layer setting
-    result.update(micro_batch=micro, gradient_checkpointing=ckpt, compile=not args.no_compile,
-                  activation_memory_budget=budget)
+    compiled = cuda and not args.no_compile  # policy.compile runs on a GPU only here
+    budget = budget if compiled and not ckpt else None  # a setting of compiled layers without checkpointing
+    result.update(micro_batch=micro, gradient_checkpointing=ckpt, compile=compiled, activation_memory_budget=budget)
     iters: list[dict] = []
 
     class Recorder(Callback):
@@ -128,7 +128,7 @@ def worker_ours(args, result: dict, quantization: str, ckpt: bool = True, budget
     module = PPOModule(
         policy=PolicyConfig(base_model=str(a / "base"), sft_adapter=str(a / "sft_adapter"), quantization=quantization,
                             dtype="bfloat16" if cuda else "float32", gradient_checkpointing=ckpt,
-                            compile=cuda and not args.no_compile, critic="none",
+                            compile=compiled, critic="none",
                             activation_memory_budget=budget),
         reward=DistinctWords(),
         ppo=PPOConfig(adv_estimator="grpo", samples_per_prompt=GROUP, ppo_epochs=EPOCHS, num_minibatches=MINIBATCHES,
@@ -334,6 +334,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.worker:
         return run_worker(args)
+    if not 0 < args.activation_memory_budget <= 1:
+        raise SystemExit(f"--activation-memory-budget {args.activation_memory_budget}: expected a number in (0, 1]")
     runs = [r for r in args.runs.split(",") if r]
     for r in runs:
         if r not in RUNS:

@@ -40,6 +40,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -363,7 +364,9 @@ def main():
             for b in sorted({min(batches), max(batches)}):
                 for lora in ("fused", "merged") if args.merged else ("fused",):
                     try:
-                        profile_decode(pm, b, args, device, args.profile.replace(".txt", f"_{lora}_bs{b}.txt"), lora=lora)
+                        path = Path(args.profile)
+                        path = path.with_name(f"{path.stem}_{lora}_bs{b}{path.suffix or '.txt'}")
+                        profile_decode(pm, b, args, device, str(path), lora=lora)
                     except Exception:
                         traceback.print_exc()
         del pm

@@ -370,6 +370,10 @@ def test_activation_memory_budget_saves_fewer_activations_for_the_same_gradients
     ({"activation_memory_budget": 0.0, "compile": True}, "expected null or a number in (0, 1]"),
     ({"activation_memory_budget": float("nan"), "compile": True}, "expected null or a number in (0, 1]"),
     ({"activation_memory_budget": 0.8}, "needs model.policy.compile: true"),
+    ({"activation_memory_budget": "0.5", "compile": True}, "expected null or a number in (0, 1]"),
+    ({"activation_memory_budget": True, "compile": True}, "expected null or a number in (0, 1]"),
+    ({"activation_memory_budget": 0.8, "compile": True, "gradient_checkpointing": True},
+     "does nothing with model.policy.gradient_checkpointing: true"),
 ])
 def test_activation_memory_budget_bad_values_are_named(kw, expected):
     from rlhf_lit.errors import ConfigError

@@ -791,3 +791,5 @@ def test_no_grad_micro_batch_keeps_each_forward_within_the_token_budget():
     assert step(False, 8).no_grad_micro_batch(512, 192) == 128   # no checkpointing: no token cap
     assert step(True, 4).no_grad_micro_batch(8, 40) == 8         # short rows: the row cap binds
     assert step(True, 16).no_grad_micro_batch(6, NO_GRAD_TOKENS + 1) == 1  # one long row at a time
+    # 13 rows of 700: 11 fit, but 13's only divisors are 1 and 13 -> 11 rows, not one at a time
+    assert step(True, 4).no_grad_micro_batch(13, 700) == 11

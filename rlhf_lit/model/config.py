@@ -47,14 +47,15 @@ class PolicyConfig:
     forward of each adapter pay the compilation (about a minute for 7B); sampling stays in the
     rollout engine's own CUDA graph."""
     activation_memory_budget: Optional[float] = None
-    """With ``compile``: the share (0, 1] of the activations the compiled decoder layers keep for the
-    backward pass, as measured by torch.compile's min-cut partitioner; below 1 it recomputes the
+    """With ``compile`` and without ``gradient_checkpointing``: the share (0, 1] of the activations
+    the compiled decoder layers keep for the backward pass, as measured by torch.compile's min-cut
+    partitioner; below 1 it recomputes the
     cheapest ops in the backward (pointwise first: SiLU x up, norms, RoPE; matmuls only at low
     budgets) instead of saving their outputs. PyTorch's activation memory budget
     (``torch._functorch.config.activation_memory_budget``), a selective checkpointing between none
     and ``gradient_checkpointing``'s all. None: torch's default (1.0). On the H200 GRPO benchmark
-    (checkpointing off, micro-batch 8) 0.8 took the update's peak from 21.94 to under 21.2 GiB for
-    +4% update time (docs/benchmarks.md)."""
+    (checkpointing off, micro-batch 8) the update peaked at 21.94 GiB without a budget; with 0.8 the
+    run's peak was the experience phase's 21.23 GiB, for +4% update time (docs/benchmarks.md)."""
     attn_implementation: Optional[str] = "auto"
     """transformers attention kernel: ``auto`` (``flash_attention_2`` on a GPU when the flash-attn
     package is installed, else ``sdpa``), ``sdpa``, ``flash_attention_2`` or ``eager``."""
@@ -79,9 +80,14 @@ class PolicyConfig:
 
         budget = self.activation_memory_budget
         if budget is not None:
-            if not 0 < budget <= 1:
+            number = isinstance(budget, (int, float)) and not isinstance(budget, bool)
+            if not number or not 0 < budget <= 1:
                 raise ConfigError(f"model.policy.activation_memory_budget={budget!r}: expected null or a number in "
                                   f"(0, 1] (the share of activations the compiled layers keep for the backward)")
             if not self.compile:
                 raise ConfigError(f"model.policy.activation_memory_budget={budget!r} needs model.policy.compile: true "
                                   f"(torch.compile's partitioner chooses what to recompute)")
+            if self.gradient_checkpointing:
+                raise ConfigError(f"model.policy.activation_memory_budget={budget!r} does nothing with "
+                                  f"model.policy.gradient_checkpointing: true (each layer keeps only its input "
+                                  f"already); set gradient_checkpointing: false, or leave the budget null")
