@@ -95,6 +95,8 @@ class RLHFCLI(LightningCLI):
         check_strategy((self.config[sub] if sub else self.config).get("trainer.strategy"))
 
     def before_fit(self) -> None:
+        folder = run_folder(self.trainer)
+        created = folder is not None and not folder.exists()  # known before the start checks create it
         self._start("fit")
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path not in (None, "last"):  # a missing 'last' starts a new run, as Lightning does (and says so)
@@ -104,7 +106,7 @@ class RLHFCLI(LightningCLI):
             self._add_callback(MaxRollouts(max_rollouts))
         run = run_folder(self.trainer)
         if run is not None and self.trainer.is_global_zero:  # one process per run folder
-            self._guard = RunFolderGuard(run)
+            self._guard = RunFolderGuard(run, created=created)
             self._guard.acquire()
             self._add_callback(self._guard)
 

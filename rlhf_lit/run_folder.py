@@ -8,7 +8,9 @@ summarised at the end.
   checkpoint is named with the last good one before any model loads, and so is one written by
   another number of data-parallel ranks.
 - :class:`RunFolderGuard`: the :class:`~rlhf_lit.run_lock.RunFolderLock` of a ``fit``, released when
-  the run ends, fails or is interrupted.
+  the run ends, fails or is interrupted; a run folder this ``fit`` created and that fails before its
+  first step (a missing prompt file, a tokenizer that does not load) is removed again when it holds
+  only what the start wrote (the lock, the empty checkpoint folder, TensorBoard's first event file).
 - :func:`summary`: where the run folder, adapter, checkpoint and report are, and key figures.
 """
 
@@ -30,7 +32,7 @@ from rlhf_lit.checkpoint_io import (
 from rlhf_lit.errors import RunStateError
 from rlhf_lit.export import check_replaceable
 from rlhf_lit.parallel import WORLD_SIZE_SETTING, check_resume_world_size
-from rlhf_lit.run_lock import RunFolderLock
+from rlhf_lit.run_lock import LOCK_NAME, OWNER_NAME, RunFolderLock
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +125,14 @@ class RunFolderGuard(Callback):
 
     Args:
         folder: the run folder.
+        created: this ``fit`` created the folder: if it fails before its first optimizer step, the
+            folder is removed when it holds only what the start wrote (:func:`remove_start_leftovers`).
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, created: bool = False) -> None:
         self.lock = RunFolderLock(folder, "fit")
+        self.folder = Path(folder)
+        self.created = created
 
     def acquire(self) -> None:
         """Raises RunStateError with the lock's message when another process holds it."""
@@ -145,6 +151,45 @@ class RunFolderGuard(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self.release()
+        if self.created and trainer.global_step == 0:
+            remove_start_leftovers(self.folder)
+
+
+#: What the start of a ``fit`` writes into its run folder before the first step.
+_START_FILES = (LOCK_NAME, OWNER_NAME, "hparams.yaml")
+
+
+def remove_start_leftovers(folder: Path) -> bool:
+    """Remove ``folder`` if it holds nothing but what a fit's start writes: the lock files, empty
+    folders (``checkpoints/``), ``hparams.yaml`` and TensorBoard event files with no scalar in them
+    (the 88-byte header TensorBoard writes when the logger starts). Anything else (a checkpoint, a
+    metrics line, a user's file) keeps the whole folder.
+
+    Returns:
+        Whether the folder was removed.
+    """
+    import shutil
+
+    if not folder.is_dir():
+        return False
+    for path in folder.rglob("*"):
+        if path.is_dir() or path.name in _START_FILES:
+            continue
+        if path.name.startswith("events.out.tfevents.") and path.stat().st_size <= 4096 and not _has_scalars(path):
+            continue
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    return not folder.exists()
+
+
+def _has_scalars(path: Path) -> bool:
+    """Whether a TensorBoard event file holds any summary value (a logged scalar, text, ...)."""
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+        return any(event.HasField("summary") and event.summary.value for event in EventFileLoader(str(path)).Load())
+    except Exception:  # unreadable: keep it
+        return True
 
 
 def _history(folder: Path) -> list[dict[str, Any]]:

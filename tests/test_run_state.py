@@ -269,6 +269,48 @@ def test_unwritable_output_dir_fails_before_training(tmp_path):
     assert not (run_dir / "metrics.jsonl").exists()
 
 
+def test_a_fit_that_fails_before_its_first_step_leaves_no_run_folder_it_created(tmp_path):
+    """A missing prompt file is found in the data module's setup, after the start made the run
+    folder (lock, checkpoints/, TensorBoard's first event file): that folder goes again. A folder
+    that existed before, or holds anything else, stays as it was."""
+    from rlhf_lit.data import PromptFileError
+
+    missing = f"--data.prompt_file={tmp_path / 'no_such_prompts.jsonl'}"
+    fresh = tmp_path / "fresh" / "run"
+    with pytest.raises(PromptFileError, match="no_such_prompts.jsonl' does not exist"):
+        run_cli("fit", *fast_args(fresh, *BASE, "--trainer.limit_train_batches=1", missing))
+    assert not fresh.exists() and (tmp_path / "fresh").is_dir()  # the run folder only, not its parent
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's")
+    with pytest.raises(PromptFileError):
+        run_cli("fit", *fast_args(mine, *BASE, "--trainer.limit_train_batches=1", missing))
+    assert (mine / "notes.txt").read_text() == "the user's"
+
+
+def test_start_leftovers_are_removed_only_when_nothing_else_is_there(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from rlhf_lit.run_folder import remove_start_leftovers
+
+    def started(name: str) -> Path:
+        folder = tmp_path / name
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / ".rlhf_lit.lock").write_bytes(b"")
+        SummaryWriter(str(folder)).close()  # the event file's header only
+        return folder
+
+    assert remove_start_leftovers(started("empty_start")) and not (tmp_path / "empty_start").exists()
+    logged = started("logged")
+    with SummaryWriter(str(logged)) as w:
+        w.add_scalar("objective/scores", 0.5, 1)
+    assert not remove_start_leftovers(logged) and logged.is_dir()  # a logged scalar is work
+    ckpt = started("ckpt")
+    (ckpt / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert not remove_start_leftovers(ckpt) and (ckpt / "checkpoints" / "last.ckpt").exists()
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A fit stopped by --max_rollouts 3 (an epoch has 24 rollouts of 8 prompts), then its test and predict."""
