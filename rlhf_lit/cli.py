@@ -27,7 +27,7 @@ from rlhf_lit.interrupts import InterruptHandling
 from rlhf_lit.parallel import check_launcher_ranks, check_strategy
 from rlhf_lit.paths import tokenizer_path
 from rlhf_lit.rollout_limit import MaxRollouts
-from rlhf_lit.run_folder import RunFolderGuard, check_start, run_folder, summary
+from rlhf_lit.run_folder import RunFolderGuard, check_start, first_missing_folder, run_folder, summary
 from rlhf_lit.stages.base import AdapterStage
 
 DEFAULT_DATA = "rlhf_lit.data.PromptDataModule"
@@ -95,16 +95,17 @@ class RLHFCLI(LightningCLI):
         check_strategy((self.config[sub] if sub else self.config).get("trainer.strategy"))
 
     def before_fit(self) -> None:
-        folder = run_folder(self.trainer)
-        created = folder is not None and not folder.exists()  # known before the start checks create it
-        self._start("fit")
+        # What can be refused without touching the disk is, before the start checks create folders.
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path not in (None, "last"):  # a missing 'last' starts a new run, as Lightning does (and says so)
             check_checkpoint_exists(ckpt_path, [], "fit")
         max_rollouts = self.config_init[self.subcommand].get("max_rollouts")
-        if max_rollouts is not None:
-            self._add_callback(MaxRollouts(max_rollouts))
+        limit = MaxRollouts(max_rollouts) if max_rollouts is not None else None
         run = run_folder(self.trainer)
+        created = first_missing_folder(run) if run is not None else None  # what the start will create
+        self._start("fit")
+        if limit is not None:
+            self._add_callback(limit)
         if run is not None and self.trainer.is_global_zero:  # one process per run folder
             self._guard = RunFolderGuard(run, created=created)
             self._guard.acquire()

@@ -10,7 +10,8 @@ summarised at the end.
 - :class:`RunFolderGuard`: the :class:`~rlhf_lit.run_lock.RunFolderLock` of a ``fit``, released when
   the run ends, fails or is interrupted; a run folder this ``fit`` created and that fails before its
   first step (a missing prompt file, a tokenizer that does not load) is removed again when it holds
-  only what the start wrote (the lock, the empty checkpoint folder, TensorBoard's first event file).
+  only what the start wrote (the lock, the empty checkpoint folder, TensorBoard's first event file),
+  with the parents the start created; in a folder that existed, only the empty event file goes.
 - :func:`summary`: where the run folder, adapter, checkpoint and report are, and key figures.
 """
 
@@ -125,14 +126,19 @@ class RunFolderGuard(Callback):
 
     Args:
         folder: the run folder.
-        created: this ``fit`` created the folder: if it fails before its first optimizer step, the
-            folder is removed when it holds only what the start wrote (:func:`remove_start_leftovers`).
+        created: the outermost folder this ``fit`` creates for it (the run folder or one of its
+            parents; None: the run folder existed). If the fit fails before its first optimizer step,
+            the run folder is removed when it holds only what the start wrote
+            (:func:`remove_start_leftovers`), and so are the then empty parents up to ``created``.
+            In a folder that existed, a TensorBoard event file this start wrote and nothing was
+            logged to is removed.
     """
 
-    def __init__(self, folder: Path, created: bool = False) -> None:
+    def __init__(self, folder: Path, created: Optional[Path] = None) -> None:
         self.lock = RunFolderLock(folder, "fit")
         self.folder = Path(folder)
         self.created = created
+        self._event_files = set(self.folder.glob("events.out.tfevents.*"))
 
     def acquire(self) -> None:
         """Raises RunStateError with the lock's message when another process holds it."""
@@ -151,8 +157,39 @@ class RunFolderGuard(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self.release()
-        if self.created and trainer.global_step == 0:
-            remove_start_leftovers(self.folder)
+        if self.created is not None and trainer.global_step == 0:
+            if remove_start_leftovers(self.folder):
+                _remove_empty_parents(self.folder, self.created)
+            return
+        for path in set(self.folder.glob("events.out.tfevents.*")) - self._event_files:
+            if not _has_scalars(path):
+                path.unlink(missing_ok=True)
+
+
+def first_missing_folder(folder: Path) -> Optional[Path]:
+    """The outermost of ``folder`` and its parents that does not exist yet (None: ``folder`` exists)."""
+    folder = Path(folder).absolute()
+    if folder.exists():
+        return None
+    while not folder.parent.exists():
+        folder = folder.parent
+    return folder
+
+
+def _remove_empty_parents(folder: Path, outermost: Path) -> None:
+    """Remove the empty parents of the removed ``folder``, up to and including ``outermost``."""
+    folder, outermost = Path(folder).absolute(), Path(outermost).absolute()
+    if folder == outermost or outermost not in folder.parents:
+        return
+    parent = folder.parent
+    while True:
+        try:
+            parent.rmdir()  # only an empty folder
+        except OSError:
+            return
+        if parent == outermost:
+            return
+        parent = parent.parent
 
 
 #: What the start of a ``fit`` writes into its run folder before the first step.

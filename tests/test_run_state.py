@@ -279,7 +279,12 @@ def test_a_fit_that_fails_before_its_first_step_leaves_no_run_folder_it_created(
     fresh = tmp_path / "fresh" / "run"
     with pytest.raises(PromptFileError, match="no_such_prompts.jsonl' does not exist"):
         run_cli("fit", *fast_args(fresh, *BASE, "--trainer.limit_train_batches=1", missing))
-    assert not fresh.exists() and (tmp_path / "fresh").is_dir()  # the run folder only, not its parent
+    assert not fresh.exists() and not (tmp_path / "fresh").exists()  # with the parent the start made
+    nested = tmp_path / "kept" / "a" / "b"
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(PromptFileError):
+        run_cli("fit", *fast_args(nested, *BASE, "--trainer.limit_train_batches=1", missing))
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "a").exists()  # not above what it made
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -287,6 +292,13 @@ def test_a_fit_that_fails_before_its_first_step_leaves_no_run_folder_it_created(
     with pytest.raises(PromptFileError):
         run_cli("fit", *fast_args(mine, *BASE, "--trainer.limit_train_batches=1", missing))
     assert (mine / "notes.txt").read_text() == "the user's"
+    assert not list(mine.glob("events.out.tfevents.*"))  # the start's empty event file went
+
+    # Refusals before the start checks create anything: a bad --max_rollouts, a missing --ckpt_path.
+    for name, bad in (("rollouts", "--max_rollouts=0"), ("ckpt", f"--ckpt_path={tmp_path / 'nope.ckpt'}")):
+        with pytest.raises(Exception, match="max_rollouts 0|no such file"):
+            run_cli("fit", *fast_args(tmp_path / name / "run", *BASE, bad))
+        assert not (tmp_path / name).exists(), name
 
 
 def test_start_leftovers_are_removed_only_when_nothing_else_is_there(tmp_path):
