@@ -49,11 +49,10 @@ class PolicyConfig:
     activation_memory_budget: Optional[float] = None
     """With ``compile`` and without ``gradient_checkpointing``: the share (0, 1] of the activations
     the compiled decoder layers keep for the backward pass, as measured by torch.compile's min-cut
-    partitioner; below 1 it recomputes the
-    cheapest ops in the backward (pointwise first: SiLU x up, norms, RoPE; matmuls only at low
-    budgets) instead of saving their outputs. PyTorch's activation memory budget
-    (``torch._functorch.config.activation_memory_budget``), a selective checkpointing between none
-    and ``gradient_checkpointing``'s all. None: torch's default (1.0). On the H200 GRPO benchmark
+    partitioner; below 1 it recomputes the cheapest ops in the backward (pointwise first: SiLU x up,
+    norms, RoPE; matmuls only at low budgets) instead of saving their outputs. PyTorch's activation
+    memory budget (``torch._functorch.config.activation_memory_budget``), a selective checkpointing
+    between none and ``gradient_checkpointing``'s all. None: torch's default (1.0). On the H200 GRPO benchmark
     (checkpointing off, micro-batch 8) the update peaked at 21.94 GiB without a budget; with 0.8 the
     run's peak was the experience phase's 21.23 GiB, for +4% update time (docs/benchmarks.md)."""
     attn_implementation: Optional[str] = "auto"
