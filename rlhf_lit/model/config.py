@@ -52,9 +52,10 @@ class PolicyConfig:
     partitioner; below 1 it recomputes the cheapest ops in the backward (pointwise first: SiLU x up,
     norms, RoPE; matmuls only at low budgets) instead of saving their outputs. PyTorch's activation
     memory budget (``torch._functorch.config.activation_memory_budget``), a selective checkpointing
-    between none and ``gradient_checkpointing``'s all. None: torch's default (1.0). On the H200 GRPO benchmark
-    (checkpointing off, micro-batch 8) the update peaked at 21.94 GiB without a budget; with 0.8 the
-    run's peak was the experience phase's 21.23 GiB, for +4% update time (docs/benchmarks.md)."""
+    between none and ``gradient_checkpointing``'s all. None: torch's default (1.0). On the H200
+    GRPO benchmark (checkpointing off, micro-batch 8) the update peaked at 21.94 GiB without a
+    budget; with 0.8 the run's peak was the experience phase's 21.23 GiB, for +4% update time
+    (docs/benchmarks.md)."""
     attn_implementation: Optional[str] = "auto"
     """transformers attention kernel: ``auto`` (``flash_attention_2`` on a GPU when the flash-attn
     package is installed, else ``sdpa``), ``sdpa``, ``flash_attention_2`` or ``eager``."""

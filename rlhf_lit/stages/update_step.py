@@ -114,9 +114,9 @@ class UpdateStep:
         With gradient checkpointing and ``row_tokens`` (positions per row) the forward is also kept
         within :data:`NO_GRAD_TOKENS` positions: the largest divisor of ``rows`` that fits (equal
         forwards: one compiled shape), or, where that is under half of what fits (a row count with
-        few divisors), what fits (at least 1). The checkpointed update holds little (each layer's input, one layer's activations), so
-        one no-grad layer's activations (~140 KB per position on a 7B: the MLP's three
-        ``intermediate``-wide tensors) would set the run's peak. Measured on the H200 (PPO benchmark,
+        few divisors), what fits (at least 1). The checkpointed update holds little (each layer's
+        input, one layer's activations), so one no-grad layer's activations (~140 KB per position on
+        a 7B: the MLP's three ``intermediate``-wide tensors) would set the run's peak. Measured on the H200 (PPO benchmark,
         64 rows of 192 positions): 17.0 GiB with 64 rows per forward, 16.5 GiB with 32, the same
         time. Without checkpointing the update holds every layer's activations and the larger
         forward fits under them (GRPO benchmark: 32 rows instead of 128 cost 0.2 s of 5.0)."""
