@@ -52,6 +52,23 @@ def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
     return None
 
 
+#: Keys every checkpoint Lightning writes holds (``Trainer.save_checkpoint``).
+LIGHTNING_KEYS = ("pytorch-lightning_version", "state_dict")
+
+
+def not_lightning_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why an intact torch file ``path`` is not a Lightning checkpoint (a plain ``torch.save`` of
+    weights, say), or None when it is one. Loads the file memory-mapped, as Lightning would."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # a zip archive torch cannot read (any other zip file)
+        return f"torch cannot load it: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if not isinstance(ckpt, dict):
+        return f"it holds a {type(ckpt).__name__}, not a checkpoint's dict"
+    missing = [k for k in LIGHTNING_KEYS if k not in ckpt]
+    return f"it has no {' and no '.join(repr(k) for k in missing)}" if missing else None
+
+
 def newest_intact_checkpoint(folder: str | os.PathLike, exclude: Optional[Path] = None) -> Optional[Path]:
     """The most recently modified ``*.ckpt`` in ``folder`` (other than ``exclude``) that
     :func:`checkpoint_problem` passes, or None."""

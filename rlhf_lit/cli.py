@@ -19,7 +19,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from rlhf_lit.checkpoint_io import AtomicCheckpointIO, DamagedCheckpointError, check_checkpoint
+from rlhf_lit.checkpoint_io import AtomicCheckpointIO, DamagedCheckpointError, check_checkpoint, not_lightning_problem
 from rlhf_lit.cli_checks import check_checkpoint_exists, check_config_files
 from rlhf_lit.console import console_callbacks
 from rlhf_lit.errors import ConfigError, RunStateError
@@ -156,6 +156,12 @@ class RLHFCLI(LightningCLI):
                 check_checkpoint(ckpt_path)
             except DamagedCheckpointError as e:
                 raise RunStateError(str(e)) from None
+            problem = not_lightning_problem(ckpt_path)
+            if problem is not None:  # Lightning would fail with a bare KeyError
+                raise RunStateError(
+                    f"--ckpt_path {ckpt_path} is a torch file but not a checkpoint of a run ({problem}): give one "
+                    f"a fit wrote (<run folder>/checkpoints/last.ckpt or rollout-N.ckpt, or --ckpt_path last); "
+                    f"to start from an adapter instead, use --model.policy.policy_adapter <adapter folder>")
         super()._parse_ckpt_path()
 
     def _instantiate_trainer(self, config, callbacks):

@@ -466,3 +466,16 @@ def test_config_keys_given_twice_and_a_missing_checkpoint_file_are_named(tmp_pat
         run_cli("fit", *fast_args(tmp_path / "run", *BASE), "--config", str(cfg))
     with pytest.raises(MissingPathError, match=r"fit --ckpt_path .*nope\.ckpt: no such file"):
         run_cli("fit", *fast_args(tmp_path / "run2", *BASE), f"--ckpt_path={tmp_path / 'nope.ckpt'}")
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "test"])
+def test_a_torch_file_that_is_not_a_run_checkpoint_is_named(tmp_path, subcommand):
+    """A plain ``torch.save`` of weights given as --ckpt_path: one error naming it and what to give,
+    not Lightning's KeyError; no run folder is made."""
+    plain = tmp_path / "weights.pt"
+    torch.save({"lora_A": torch.zeros(2, 2)}, plain)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RunStateError, match=r"weights\.pt is a torch file but not a checkpoint of a run \(it has "
+                                            r"no 'pytorch-lightning_version' and no 'state_dict'\)"):
+        run_cli(subcommand, *fast_args(run_dir, *BASE), f"--ckpt_path={plain}")
+    assert not run_dir.exists()
