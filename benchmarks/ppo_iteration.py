@@ -123,7 +123,7 @@ def _shapes(tiny: bool) -> Shapes:
     return TINY if tiny else FULL
 
 
-VARIANTS = {"ours": ("nockpt", "compile", "offload", "critic", "merged"), "trl": ("asis",)}
+VARIANTS = {"ours": ("nockpt", "compile", "offload", "critic", "merged", "amb"), "trl": ("asis",)}
 
 
 def _parse_run(name: str) -> tuple[str, str, list[str]]:
@@ -131,8 +131,9 @@ def _parse_run(name: str) -> tuple[str, str, list[str]]:
 
     Variants: ``nockpt`` (ours: checkpointing off, ``--nockpt-micro-batch``), ``compile`` (ours:
     ``policy.compile``), ``offload`` (ours: the reward model's ``offload``), ``critic`` (ours: ``policy.critic:
-    adapter``, the critic as its own LoRA adapter), ``merged`` (ours: ``rollout_engine: cuda_graph_merged``), ``asis`` (TRL as its users get it: its ignored
-    checkpointing flag left alone)."""
+    adapter``, the critic as its own LoRA adapter), ``merged`` (ours: ``rollout_engine: cuda_graph_merged``), ``amb``
+    (ours: ``policy.activation_memory_budget`` = ``--activation-memory-budget``, with ``compile`` and
+    ``nockpt``), ``asis`` (TRL as its users get it: its ignored checkpointing flag left alone)."""
     framework, quantization, *variants = name.split("-")
     if framework not in VARIANTS or quantization not in ("bf16", "nf4") or \
             any(v not in VARIANTS[framework] for v in variants):
@@ -290,7 +291,8 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
     variants = _parse_run(args.worker)[2]
     result.update(gradient_checkpointing=ckpt, micro_batch=micro, compile="compile" in variants,
                   reward_offload="offload" in variants, critic="adapter" if "critic" in variants else "value_head",
-                  rollout_lora_merged="merged" in variants)
+                  rollout_lora_merged="merged" in variants,
+                  activation_memory_budget=args.activation_memory_budget if "amb" in variants else None)
 
     class Recorder(Callback):
         def on_train_start(self, trainer, pl_module):
@@ -343,7 +345,8 @@ def worker_ours(args, result: dict, quantization: str) -> None:  # noqa: C901
     module = PPOModule(
         policy=PolicyConfig(base_model=str(a / "base"), sft_adapter=str(a / "sft_adapter"), quantization=quantization,
                             dtype="bfloat16" if cuda else "float32", gradient_checkpointing=ckpt,
-                            compile="compile" in variants, critic="adapter" if "critic" in variants else "value_head"),
+                            compile="compile" in variants, critic="adapter" if "critic" in variants else "value_head",
+                            activation_memory_budget=args.activation_memory_budget if "amb" in variants else None),
         reward=RewardModel(model_path=str(a / "reward"), input="chat", batch_size=shapes.batch,
                            dtype="bfloat16" if cuda else "float32", max_length=512,
                            offload="offload" in variants),
@@ -610,6 +613,7 @@ def spawn(args, name: str, timeout: float) -> dict:
            "--iterations", str(args.iterations), "--engine", args.engine, "--precision", args.precision,
            "--trl-checkpointing", args.trl_checkpointing, "--gradient-checkpointing", args.gradient_checkpointing,
            "--nockpt-micro-batch", str(args.nockpt_micro_batch), "--profile-update", args.profile_update or "",
+           "--activation-memory-budget", str(args.activation_memory_budget),
            "--profile-steps", str(args.profile_steps),
            "--json", args.json] + (["--micro-batch", str(args.micro_batch)] if args.micro_batch else []) \
         + (["--tiny"] if args.tiny else [])
@@ -724,6 +728,8 @@ def main() -> int:
                     help="micro-batch of our runs (default 8; tiny: 1); must divide the minibatch size (16)")
     ap.add_argument("--nockpt-micro-batch", type=int, default=16,
                     help="micro-batch of the ours-*-nockpt runs (clamped to the minibatch size)")
+    ap.add_argument("--activation-memory-budget", type=float, default=0.5,
+                    help="policy.activation_memory_budget of the -amb runs (with -compile and -nockpt)")
     ap.add_argument("--profile-update", nargs="?", const="ours-bf16", default="",
                     help="profile one steady-state update phase of these runs (comma-separated; "
                          "the flag alone: ours-bf16) in an extra iteration after the timed ones")

@@ -227,16 +227,16 @@ def _kernel_totals(prof):
     return tot
 
 
-def profile_decode(model, batch, args, device, path, steps=8, lora="fused"):
+def profile_decode(model, batch, args, device, path, steps=8, lora="fused", **engine_kw):
     """Per-step device time of the decode graph by kernel: a profile of prefill + ``steps`` replays
-    minus a profile of the prefill alone (CUPTI sees the kernels inside graph replays); ``lora`` is
-    the engine's LoRA mode."""
+    minus a profile of the prefill alone (CUPTI sees the kernels inside graph replays); ``lora`` and
+    ``engine_kw`` configure the engine."""
     from torch.profiler import ProfilerActivity, profile
 
     P = args.prompt_len
     ids, mask = prompts(batch, P, 152064, device, seed=5)
     acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-    eng = StaticCudaGraphGenerate(lora=lora)
+    eng = StaticCudaGraphGenerate(lora=lora, **engine_kw)
     full = SamplingConfig(max_new_tokens=steps + 1, min_new_tokens=steps + 1, temperature=0.7)
     one = SamplingConfig(max_new_tokens=1, min_new_tokens=1, temperature=0.7)
     eng.generate(model, ids, mask, one, STOPS, PAD)
@@ -261,7 +261,7 @@ def profile_decode(model, batch, args, device, path, steps=8, lora="fused"):
     launches = sum(r[1] for r in rows)
     wall = stats["decode_ms"] / max(stats["decode_steps"], 1) * 1e3
     with open(path, "w") as f:
-        f.write(f"decode graph, lora={lora}, batch {batch}: {launches:.0f} kernels/step, summed kernel time {per_step:.0f} us/step, "
+        f.write(f"decode graph, lora={lora} {engine_kw}, batch {batch}: {launches:.0f} kernels/step, summed kernel time {per_step:.0f} us/step, "
                 f"replay wall time {wall:.0f} us/step\n\n")
         f.write(f"{'us/step':>9} {'calls/step':>10}  kernel\n")
         for t, n, k in rows:
@@ -297,10 +297,17 @@ def main():
     ap.add_argument("--ratio-check", action="store_true", help="engine log-probs vs a fresh forward (bf16)")
     ap.add_argument("--profile", default="", help="write kernel tables of bf16 decode at the smallest and largest batch here "
                          "(<stem>_<lora>_bs<batch>.txt; with --merged for both LoRA modes)")
+    ap.add_argument("--kernels", default="auto",
+                    help="the engine's glue kernels, comma-separated runs of: auto, triton, torch")
+    ap.add_argument("--gate-up-rows", default="0",
+                    help="lora=merged runs: gate and up as one GEMM up to this many rows (comma-separated runs)")
+    ap.add_argument("--profile-batches", default="", help="batches to profile (default: smallest and largest)")
     ap.add_argument("--save-dir", default="/tmp/rand_qwen7b")
     ap.add_argument("--json", default="")
     ap.add_argument("--tiny", action="store_true", help="a small model of the same family (smoke test)")
     args = ap.parse_args()
+    kernel_modes = args.kernels.split(",")
+    gate_up_rows = [int(x) for x in args.gate_up_rows.split(",")]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = [int(b) for b in args.batches.split(",")]
@@ -345,9 +352,15 @@ def main():
               f"{counts['params']:,} parameters; floor per step: " + ", ".join(
                   f"batch {b} {f['floor_ms']:.2f} ms ({f['bound']})" for b, f in floor.items()), flush=True)
         for b in batches:
-            run_config("bf16", pm, "fast", b, args, device, floor[b], results)
-            if args.merged:
-                run_config("bf16", pm, "fast[lora=merged]", b, args, device, floor[b], results, lora="merged")
+            for kern in kernel_modes:
+                tag = f"kernels={kern}" if len(kernel_modes) > 1 else ""
+                run_config("bf16", pm, f"fast[{tag}]" if tag else "fast", b, args, device, floor[b], results,
+                           kernels=kern)
+                if args.merged:
+                    for gu in gate_up_rows:
+                        t = ",".join(x for x in (tag, f"gate_up_rows={gu}" if gu else "") if x)
+                        run_config("bf16", pm, f"fast[lora=merged{',' + t if t else ''}]", b, args, device, floor[b],
+                                   results, lora="merged", kernels=kern, gate_up_rows=gu)
             if b in hf_batches:
                 run_config("bf16", pm, "hf", b, args, device, floor[b], results)
         if args.variants:
@@ -361,14 +374,19 @@ def main():
             except Exception:
                 traceback.print_exc()
         if args.profile:
-            for b in sorted({min(batches), max(batches)}):
+            pb = [int(x) for x in args.profile_batches.split(",")] if args.profile_batches else \
+                sorted({min(batches), max(batches)})
+            for b in pb:
                 for lora in ("fused", "merged") if args.merged else ("fused",):
-                    try:
-                        path = Path(args.profile)
-                        path = path.with_name(f"{path.stem}_{lora}_bs{b}{path.suffix or '.txt'}")
-                        profile_decode(pm, b, args, device, str(path), lora=lora)
-                    except Exception:
-                        traceback.print_exc()
+                    for kern in kernel_modes:
+                        try:
+                            path = Path(args.profile)
+                            kt = f"_{kern}" if len(kernel_modes) > 1 else ""
+                            path = path.with_name(f"{path.stem}_{lora}{kt}_bs{b}{path.suffix or '.txt'}")
+                            gu = max(gate_up_rows) if lora == "merged" else 0
+                            profile_decode(pm, b, args, device, str(path), lora=lora, kernels=kern, gate_up_rows=gu)
+                        except Exception:
+                            traceback.print_exc()
         del pm
     del model
     gc.collect()

@@ -9,6 +9,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+# Without a GPU the Triton decode kernels run through Triton's interpreter, which reads this
+# variable when triton is first imported: before any test module imports it.
+if _no_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0", ""}
 
 

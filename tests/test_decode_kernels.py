@@ -1,0 +1,269 @@
+"""The decode step's Triton kernels against the torch ops they replace, and the engine with them.
+
+Without a GPU the kernels run through Triton's interpreter (``TRITON_INTERPRET=1``, set in
+conftest.py before triton is imported). The interpreter rounds fp32 to bf16 towards zero where the
+GPU rounds to nearest, so bf16 checks on the CPU allow more bf16 steps than on the GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhf_lit.rollout import decode_kernels as dk
+from rlhf_lit.rollout.cuda_graph import StaticCudaGraphGenerate
+
+from test_fast_rollout import PAD, left_padded, sampling, tiny_lm
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+
+
+def _tol(dtype, device):
+    if dtype == torch.float32:
+        return dict(atol=1e-5, rtol=1e-5)
+    # bf16 steps: 1 on the GPU; on the CPU up to 4 (the interpreter truncates at each of up to three roundings)
+    return dict(atol=2e-2, rtol=3.2e-2 if device == "cpu" else 8e-3)
+
+
+def _rope_ref(x, cos, sin_signed):
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin_signed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H", [200, 64])
+def test_rms_norm_matches_torch(device, dtype, H):
+    g = torch.Generator().manual_seed(H)
+    x = (3 * torch.randn(5, H, generator=g)).to(device, dtype)
+    w = torch.randn(H, generator=g).to(device, dtype)
+    out = dk.rms_norm(x, w, 1e-6)
+    ref = torch.rms_norm(x.double(), (H,), w.double(), 1e-6)
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out.double(), ref, **_tol(dtype, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_rope_qkv_cache_write_rotates_q_in_place_and_fills_one_cache_column(device, dtype, with_bias):
+    g = torch.Generator().manual_seed(1)
+    B, nH, nKV, D, T, L = 3, 6, 2, 16, 40, 12
+    y = torch.randn(B, (nH + 2 * nKV) * D, generator=g).to(device, dtype)
+    bias = torch.randn((nH + 2 * nKV) * D, generator=g).to(device, dtype) if with_bias else None
+    cos = torch.randn(T, D, generator=g).to(device, dtype)
+    sin = torch.randn(T, D, generator=g).to(device, dtype)
+    pos = torch.tensor([3, 17, 39], device=device)
+    col = torch.tensor([7], device=device)
+    kc = torch.randn(B, nKV, L, D, generator=g).to(device, dtype)  # poison: the other columns must not move
+    vc = torch.randn(B, nKV, L, D, generator=g).to(device, dtype)
+    kc0, vc0, y0 = kc.clone(), vc.clone(), y.clone()
+
+    dk.rope_qkv_cache_write(y, cos, sin, pos, col, kc, vc, nH, nKV, bias=bias)
+
+    heads = (y0 + bias if with_bias else y0).view(B, nH + 2 * nKV, D)
+    c, s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    ref_q = _rope_ref(heads[:, :nH], c, s)
+    ref_k = _rope_ref(heads[:, nH:nH + nKV], c, s)
+    tol = _tol(dtype, device)
+    torch.testing.assert_close(y.view(B, nH + 2 * nKV, D)[:, :nH], ref_q, **tol)
+    assert torch.equal(y[:, nH * D:], y0[:, nH * D:])  # the k and v columns of y are left as they were
+    torch.testing.assert_close(kc[:, :, 7], ref_k, **tol)
+    torch.testing.assert_close(vc[:, :, 7], heads[:, nH + nKV:], **tol)
+    others = [i for i in range(L) if i != 7]
+    assert torch.equal(kc[:, :, others], kc0[:, :, others]) and torch.equal(vc[:, :, others], vc0[:, :, others])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_matches_torch_on_strided_rows(device, dtype):
+    g = torch.Generator().manual_seed(2)
+    y = (4 * torch.randn(3, 2 * 1500, generator=g)).to(device, dtype)  # gate | up side by side
+    gate, up = y[:, :1500], y[:, 1500:]
+    out = dk.silu_mul(gate, up)
+    ref = F.silu(gate.double()) * up.double()
+    torch.testing.assert_close(out.double(), ref, **_tol(dtype, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("col", [0, 70, 143])
+def test_decode_attention_matches_sdpa_over_the_filled_columns(device, dtype, col):
+    """Grouped-query heads, a padding mask, q as the strided columns of a fused q/k/v output, and
+    cache columns past ``col`` full of garbage that must not be read."""
+    g = torch.Generator().manual_seed(col)
+    B, nH, nKV, D, L = 3, 6, 2, 16, 144
+    y = torch.randn(B, (nH + 2 * nKV) * D, generator=g).to(device, dtype)
+    q = y[:, : nH * D]
+    kc = torch.randn(B, nKV, L, D, generator=g).to(device, dtype)
+    vc = torch.randn(B, nKV, L, D, generator=g).to(device, dtype)
+    kc[:, :, col + 1:] = float("nan")
+    vc[:, :, col + 1:] = float("nan")
+    neg = torch.finfo(dtype).min
+    bias = torch.full((B, 1, 1, L), neg, dtype=dtype, device=device)
+    bias[..., : col + 1] = 0.0
+    bias[1, ..., : col // 2] = neg  # a left-padded row
+    out = dk.decode_attention(q, kc, vc, bias, torch.tensor([col], device=device), 0.3)
+    keep = slice(0, col + 1)
+    ref = F.scaled_dot_product_attention(q.double().reshape(B, nKV, nH // nKV, D), kc[:, :, keep].double(),
+                                         vc[:, :, keep].double(), attn_mask=bias[..., keep].double(), scale=0.3)
+    assert out.shape == (B, nH * D) and out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref.reshape(B, nH * D), **_tol(dtype, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("min_new,after_suppression", [(0, False), (5, True), (5, False), (2, True)])
+def test_sample_tokens_draws_the_exponential_race_token_with_its_logprob(device, dtype, min_new, after_suppression):
+    """The same uniforms give the token of ``sample_from_filtered`` (argmin p / log u); stop ids are
+    suppressed while step < min_new; the log-prob is over the suppressed or the full distribution."""
+    from rlhf_lit.rollout.sampling import sample_from_filtered  # noqa: F401 - the reference's formula below
+
+    g = torch.Generator().manual_seed(min_new + 10 * after_suppression)
+    B, V, T = 4, 9000, 0.7  # V over two chunks of the first pass, the last one partial
+    logits = (3 * torch.randn(B, V, generator=g)).to(device, dtype)
+    stops = torch.tensor([5, 8191], device=device)
+    logits[:, 5] = 40.0  # would always win if not suppressed
+    u = torch.rand(B, V, generator=g).to(device)
+    step = torch.tensor([2], device=device)
+    tok, lp = dk.sample_tokens(logits, u, T, step, min_new, stops, after_suppression)
+    x = logits.double() / T
+    xs = x.clone()
+    if min_new > 2:
+        xs[:, stops] = float("-inf")
+    ref = torch.argmin(torch.softmax(xs, -1) / u.double().log(), -1)
+    assert torch.equal(tok, ref)
+    assert (tok == 5).all() == (min_new <= 2)
+    ref_lp = x.gather(1, ref[:, None])[:, 0] - torch.logsumexp(xs if after_suppression else x, -1)
+    torch.testing.assert_close(lp.double(), ref_lp, atol=1e-4, rtol=1e-5)
+
+
+def test_bad_inputs_are_named():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="2-D with contiguous rows"):
+        dk.rms_norm(x.t(), torch.ones(4), 1e-6)
+    with pytest.raises(ValueError, match="gate .* and up .* differ"):
+        dk.silu_mul(x, torch.randn(4, 9))
+    with pytest.raises(ValueError, match="temperature > 0"):
+        dk.sample_tokens(x, torch.rand(4, 8), 0.0, torch.zeros(1).long(), 0, None, False)
+    with pytest.raises(ValueError, match="u must be float32"):
+        dk.sample_tokens(x, torch.rand(4, 8).double(), 1.0, torch.zeros(1).long(), 0, None, False)
+    with pytest.raises(ValueError, match="not \\(n_heads \\+ 2 \\* n_kv_heads\\) \\* D"):
+        dk.rope_qkv_cache_write(torch.randn(2, 100), torch.randn(4, 16), torch.randn(4, 16), torch.zeros(2).long(),
+                                torch.zeros(1).long(), torch.zeros(2, 1, 4, 16), torch.zeros(2, 1, 4, 16), 4, 1)
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="run on CUDA tensors, got cpu"):
+        dk.rms_norm(torch.randn(2, 8), torch.ones(8), 1e-6)
+    model = tiny_lm(seed=3)
+    ids, mask = left_padded([3, 5], 5, 128)
+    with pytest.raises(ValueError, match="kernels='triton' runs on CUDA"):
+        StaticCudaGraphGenerate(greedy=True, kernels="triton").generate(model, ids, mask, sampling(2), [], PAD)
+    with pytest.raises(ValueError, match="kernels must be"):
+        StaticCudaGraphGenerate(kernels="cuda")
+    with pytest.raises(ValueError, match="gate_up_rows"):
+        StaticCudaGraphGenerate(gate_up_rows=-1)
+
+
+def _count_kernel_calls(monkeypatch) -> dict:
+    """Count the engine's calls of each decode kernel (the kernels still run)."""
+    import rlhf_lit.rollout.cuda_graph as cg
+
+    calls = {}
+    for name in ("rms_norm", "rope_qkv_cache_write", "decode_attention", "silu_mul", "sample_tokens"):
+        real = getattr(dk, name)
+        calls[name] = 0
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(cg.decode_kernels, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("lora,gate_up_rows", [("fused", 0), ("merged", 0), ("merged", 8)])
+def test_engine_with_triton_kernels_decodes_what_the_torch_path_decodes(lora, gate_up_rows, monkeypatch):
+    """fp32 on the CPU (interpreter): the same greedy tokens, log-probs to fp32 rounding; q/k/v
+    biases non-zero (the fused path adds them in the RoPE kernel)."""
+    model = tiny_lm("qwen2", seed=7, lora_b_std=0.1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.base_layer.bias"):
+                p.normal_(0, 0.5)
+    ids, mask = left_padded([5, 11, 8], 11, 128, seed=2)
+    outs = {}
+    calls = _count_kernel_calls(monkeypatch)
+    for kernels in ("torch", "triton"):
+        eng = StaticCudaGraphGenerate(greedy=True, compute_logprobs=True, lora=lora, kernels=kernels,
+                                      gate_up_rows=gate_up_rows)
+        outs[kernels] = (eng.generate(model, ids, mask, sampling(14), [], PAD), eng.last_logprobs)
+        assert eng._fused_glue == (kernels == "triton")
+        if kernels == "torch":
+            assert not any(calls.values())
+    steps, layers = 13, 2  # decode steps after the prompt pass's token; tiny_lm's layers
+    assert calls == {"rms_norm": steps * (2 * layers + 1), "rope_qkv_cache_write": steps * layers,
+                     "decode_attention": steps * layers, "silu_mul": steps * layers, "sample_tokens": 0}
+    assert torch.equal(outs["torch"][0], outs["triton"][0])
+    torch.testing.assert_close(outs["triton"][1], outs["torch"][1], atol=1e-5, rtol=0)
+
+
+def test_engine_sampling_with_the_fused_sampler_draws_what_the_torch_path_draws(monkeypatch):
+    """Seeded sampling, min_new_tokens suppressing two stop ids, both log-prob modes: the fused
+    sampler consumes the generator as the torch path does, so the tokens are the same."""
+    model = tiny_lm("qwen2", seed=5)
+    ids, mask = left_padded([5, 9, 3, 7], 10, 128)
+    calls = _count_kernel_calls(monkeypatch)
+    for sampler_logprobs in (False, True):
+        outs = {}
+        for kernels in ("torch", "triton"):
+            eng = StaticCudaGraphGenerate(seed=11, compute_logprobs=True, sampler_logprobs=sampler_logprobs,
+                                          kernels=kernels)
+            out = eng.generate(model, ids, mask, sampling(12, min_new_tokens=6, temperature=0.8), [7, 9], PAD)
+            outs[kernels] = (out, eng.last_logprobs)
+        assert torch.equal(outs["torch"][0], outs["triton"][0])
+        torch.testing.assert_close(outs["triton"][1], outs["torch"][1], atol=1e-5, rtol=0)
+    assert calls["sample_tokens"] == 2 * 12  # the prompt pass's token and 11 decode steps, per mode
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,lora,gate_up_rows", [(torch.float32, "fused", 0), (torch.bfloat16, "fused", 0),
+                                                     (torch.bfloat16, "merged", 4)])
+def test_graph_with_triton_kernels_on_gpu(dtype, lora, gate_up_rows):
+    """The captured graph with the Triton kernels against the torch path's graph: the same greedy
+    tokens in fp32; in bf16 the log-probs of the torch path's tokens within bf16 rounding, and the
+    kernels really ran (``auto`` picks them on CUDA)."""
+    model = tiny_lm("qwen2", seed=9, dtype=dtype, device="cuda", lora_b_std=0.1)
+    ids, mask = left_padded([5, 11, 8, 2], 11, 128, device="cuda", seed=3)
+    torch_eng = StaticCudaGraphGenerate(greedy=True, compute_logprobs=True, lora=lora, kernels="torch")
+    auto_eng = StaticCudaGraphGenerate(greedy=True, compute_logprobs=True, lora=lora, gate_up_rows=gate_up_rows)
+    a = torch_eng.generate(model, ids, mask, sampling(24), [], PAD)
+    b = auto_eng.generate(model, ids, mask, sampling(24), [], PAD)
+    assert auto_eng._fused_glue and not torch_eng._fused_glue
+    assert auto_eng.num_captures == 1
+    if dtype == torch.float32:
+        assert torch.equal(a, b)
+        torch.testing.assert_close(auto_eng.last_logprobs, torch_eng.last_logprobs, atol=1e-4, rtol=0)
+    else:
+        same = (a == b).all(1)  # rows agree until a near-tie flips a token; most rows agree throughout
+        assert same.float().mean() >= 0.5
+        torch.testing.assert_close(auto_eng.last_logprobs[same], torch_eng.last_logprobs[same], atol=0.05, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_graph_with_the_fused_sampler_on_gpu_draws_what_the_torch_path_draws():
+    model = tiny_lm("qwen2", seed=4, device="cuda")
+    ids, mask = left_padded([5, 9, 3, 7], 10, 128, device="cuda")
+    outs = {}
+    for kernels in ("torch", "auto"):
+        eng = StaticCudaGraphGenerate(seed=3, compute_logprobs=True, sampler_logprobs=True, kernels=kernels)
+        outs[kernels] = (eng.generate(model, ids, mask, sampling(20, min_new_tokens=8), [7, 9], PAD),
+                         eng.last_logprobs)
+        assert eng.num_captures == 1
+    assert torch.equal(outs["torch"][0], outs["auto"][0])
+    torch.testing.assert_close(outs["auto"][1], outs["torch"][1], atol=1e-4, rtol=0)
