@@ -1,28 +1,42 @@
-"""Fused glue kernels of the decode step (Triton): RMSNorm, RoPE + KV-cache write, SiLU-and-mul.
+"""The decode step's glue as Triton kernels: RMSNorm, bias + RoPE + KV-cache write, attention over
+the filled cache, SiLU-and-mul, and sampling.
 
 Why
 ---
-At decode batch sizes a 7B step is the weight GEMMs plus ~500 small kernels, and on an H200 the
-small ones cost ~1.4 ms of a 5.4 ms batch-1 step (docs/results/decode_profile_2026-12-01_h200_*):
-``torch.rms_norm`` takes 5.6 us per row (57 per step), RoPE is three kernels (``x * cos``,
-``roll``, ``addcmul``) and the cache write two ``index_copy_``, and SiLU-and-mul two. Each of these
-is latency-bound: the launch and one trip to memory, not the bytes, set its time. Here each group
-is one kernel, launched inside the captured graph like any other (the first call compiles; the
-engine's warm-up steps make that call before the capture).
+At decode batch sizes a 7B step is the weight GEMMs plus ~500 small kernels. On an H200 the small
+ones cost ~1.4 ms of a 5.4 ms batch-1 step (docs/results/decode_profile_2026-12-01_h200_*):
+- ``torch.rms_norm`` takes 5.6 us per row, 57 times a step;
+- RoPE is three kernels (``x * cos``, ``roll``, ``addcmul``) and the cache write two ``index_copy_``;
+- SiLU-and-mul is two kernels;
+- masked SDPA reads all cache columns, filled or not;
+- sampling makes ~8 passes over fp32 copies of the logits.
 
-Numerics follow the torch ops they replace, rounding where those round, so the engine's tokens
-and log-probs do not depend on which path ran beyond float-contraction differences:
+Each of these is latency-bound: the launch and one trip to memory set its time, not the bytes. Here
+each group is one kernel, or two for the sampler. They are launched inside the captured graph like
+any other kernel: the first call compiles, and the engine's warm-up steps make that call before the
+capture. Figures: ``benchmarks/decode_kernels.py`` and docs/benchmarks.md.
 
-* :func:`rms_norm`: ``torch.rms_norm``: ``x * rsqrt(mean(x^2) + eps) * w`` in fp32, one rounding
+One file as one idea: the kernels are built together on first use (:func:`_kernels`), and each
+public function beside its kernel checks shapes and launches it.
+
+Numerics follow the torch ops they replace, rounding where those round. The engine's tokens and
+log-probs therefore do not depend on which path ran, beyond float-contraction differences:
+
+* :func:`rms_norm`: ``torch.rms_norm``, ``x * rsqrt(mean(x^2) + eps) * w`` in fp32 with one rounding
   (Zhang & Sennrich 2019, "Root Mean Square Layer Normalization").
-* :func:`rope_qkv_cache_write`: rotary embedding (Su et al. 2021, RoFormer) as the engine writes
-  it, ``round(x * cos) + roll(x, D/2) * sin_signed`` (the first half of ``sin_signed`` negated: HF's
-  ``rotate_half``), on q and k; then k and v stored at one cache column.
+* :func:`rope_qkv_cache_write`: rotary embedding (Su et al. 2021, RoFormer) as the engine writes it,
+  ``round(x * cos) + roll(x, D/2) * sin_signed``, on q and k; ``sin_signed`` has its first half
+  negated, which is HF's ``rotate_half``. Then k and v are stored at one cache column.
+* :func:`decode_attention`: ``softmax(q k^T * scale + bias) v`` with an online softmax, as SDPA with
+  an additive mask.
 * :func:`silu_mul`: ``round(silu(g)) * u`` (SwiGLU, Shazeer 2020, "GLU Variants Improve
-  Transformer"), as ``act(gate) * up`` in two torch ops.
+  Transformer"), as ``act(gate) * up`` computes it in two torch ops.
+* :func:`sample_tokens`: the exponential race written as a Gumbel-max over the same uniforms. The
+  same seed draws the same tokens.
 
-Each function runs on CUDA tensors, or on CPU tensors through Triton's interpreter (how CI tests
-them against the torch ops without a GPU). :func:`available` says whether Triton imports.
+Each function runs on CUDA tensors, or on CPU tensors through Triton's interpreter; CI uses the
+interpreter to test them against the torch ops without a GPU. :func:`available` says whether Triton
+imports.
 """
 
 from __future__ import annotations
