@@ -307,7 +307,15 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="a small model of the same family (smoke test)")
     args = ap.parse_args()
     kernel_modes = args.kernels.split(",")
-    gate_up_rows = [int(x) for x in args.gate_up_rows.split(",")]
+    bad = [k for k in kernel_modes if k not in ("auto", "triton", "torch")]
+    if bad:
+        ap.error(f"--kernels {args.kernels}: expected a comma-separated list of auto, triton, torch (got {bad})")
+    try:
+        gate_up_rows = [int(x) for x in args.gate_up_rows.split(",")]
+    except ValueError:
+        ap.error(f"--gate-up-rows {args.gate_up_rows}: expected comma-separated integers >= 0")
+    if any(g < 0 for g in gate_up_rows):
+        ap.error(f"--gate-up-rows {args.gate_up_rows}: expected comma-separated integers >= 0")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = [int(b) for b in args.batches.split(",")]
