@@ -138,6 +138,9 @@ def _parse_run(name: str) -> tuple[str, str, list[str]]:
     if framework not in VARIANTS or quantization not in ("bf16", "nf4") or \
             any(v not in VARIANTS[framework] for v in variants):
         raise ValueError(f"unknown run {name!r}")
+    if "amb" in variants and not {"nockpt", "compile"} <= set(variants):
+        raise ValueError(f"run {name!r}: the amb variant needs nockpt and compile (the budget applies to "
+                         "compiled layers without gradient checkpointing), e.g. ours-bf16-nockpt-compile-amb")
     return framework, quantization, variants
 
 
