@@ -757,9 +757,12 @@ def main() -> int:
     limits = {k: float(v) for k, v in (kv.split("=") for kv in args.timeouts.split(","))}
     runs = [r for r in args.runs.split(",") if r]
     for r in runs:
-        _parse_run(r)  # unknown names fail here, before any work
-        if r.startswith("ours-"):
-            _ours_settings(args, r)
+        try:  # unknown names fail here, before any work
+            _parse_run(r)
+            if r.startswith("ours-"):
+                _ours_settings(args, r)
+        except ValueError as e:
+            ap.error(f"--runs: {e}")
     if not torch.cuda.is_available():
         import importlib.util
 
