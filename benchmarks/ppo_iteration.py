@@ -134,10 +134,10 @@ def _parse_run(name: str) -> tuple[str, str, list[str]]:
     adapter``, the critic as its own LoRA adapter), ``merged`` (ours: ``rollout_engine: cuda_graph_merged``), ``amb``
     (ours: ``policy.activation_memory_budget`` = ``--activation-memory-budget``, with ``compile`` and
     ``nockpt``), ``asis`` (TRL as its users get it: its ignored checkpointing flag left alone)."""
-    framework, quantization, *variants = name.split("-")
+    framework, quantization, *variants = name.split("-") + [""] * (2 - len(name.split("-")))
     if framework not in VARIANTS or quantization not in ("bf16", "nf4") or \
             any(v not in VARIANTS[framework] for v in variants):
-        raise ValueError(f"unknown run {name!r}")
+        raise ValueError(f"unknown run {name!r} (expected <ours|trl>-<bf16|nf4>[-<variant>...], variants: {VARIANTS})")
     if "amb" in variants and not {"nockpt", "compile"} <= set(variants):
         raise ValueError(f"run {name!r}: the amb variant needs nockpt and compile (the budget applies to "
                          "compiled layers without gradient checkpointing), e.g. ours-bf16-nockpt-compile-amb")

@@ -86,3 +86,32 @@ def test_decoder_counts_skip_the_input_embedding(floors_mod):
     c = floors_mod.decoder_counts(Tiny())
     assert c["params"] == 32 * 64 + 64 + 64 * 100
     assert c["weight_bytes"] == 4 * (32 * 64 + 64) + 2 * 64 * 100  # as stored: fp32 layer, bf16 head
+
+
+def test_gemm_bound_counts_every_weight_gemm_of_the_iteration_once():
+    """benchmarks/gemm_bound.py's accounting, with a timer that returns each GEMM's FLOPs: the sums
+    must equal the iteration's weight-GEMM FLOPs counted by hand (7B shape, the PPO workload)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("gemm_bound", ROOT / "benchmarks" / "gemm_bound.py")
+        gb = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gb)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    s = gb.QWEN25_7B
+    flops = lambda kind, m, k_in, n_out: 2.0 * m * k_in * n_out  # noqa: E731
+    layer = sum(2.0 * k_in * n_out for _, k_in, n_out in gb.layer_weights(s)) * s["layers"]  # per token
+    head = 2.0 * s["hidden"] * s["vocab"]  # per row
+    assert layer == pytest.approx(2 * 6.53e9, rel=0.01)  # the decoder layers' ~6.53e9 weights
+    with_rc = gb.iteration_gemms(flops, s, recompute=True)
+    without = gb.iteration_gemms(flops, s, recompute=False)
+    seq, tokens = 64 + 128, 64 * (64 + 128)
+    assert with_rc["experience_s"] == pytest.approx(2 * (tokens * layer + 64 * 128 * head))
+    step = 16 * seq * layer  # one pass over a micro-batch of 16 rows
+    assert with_rc["optimizer_steps"] == 16
+    assert with_rc["update_s"] == pytest.approx(16 * (3 * step + 2 * 16 * 128 * head))  # fwd, recompute, bwd
+    assert without["update_s"] == pytest.approx(16 * (2 * step + 2 * 16 * 128 * head))
+    assert with_rc["prefill_s"] == pytest.approx(64 * 64 * layer + 64 * head)
+    assert with_rc["decode_s"] == pytest.approx(127 * 64 * (layer + head))
