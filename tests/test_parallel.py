@@ -113,3 +113,16 @@ def test_ranks_started_by_a_launcher_must_match_num_nodes_times_devices(monkeypa
     with pytest.raises(ConfigError, match=r"trainer.num_nodes=1 x trainer.devices=1 does not match .*world size \(2\)"):
         check_launcher_ranks(strategy, num_nodes=1, devices=1)
     check_launcher_ranks(strategy, num_nodes=1, devices=2)  # 1 x 2 = 2: fine
+
+
+def test_close_process_group_destroys_the_group_a_run_left_open(tmp_path):
+    """Lightning leaves the default process group open; the command line closes it before exit."""
+    import torch.distributed as dist
+
+    from rlhf_lit.parallel import close_process_group
+
+    close_process_group()  # none yet: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    close_process_group()
+    assert not dist.is_initialized()

@@ -99,7 +99,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rlhf_lit.rollout import decode_kernels
+import rlhf_lit.rollout.decode_kernels as decode_kernels
 from rlhf_lit.model.peft_layers import fuse_rows_as_views, is_lora_layer, lora_state_signature, lora_view
 from rlhf_lit.rollout.base import RolloutEngine, SamplingConfig
 from rlhf_lit.rollout.sampling import filter_logits, sample_from_filtered, sample_from_logits  # noqa: F401
