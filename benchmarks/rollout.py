@@ -299,7 +299,7 @@ def main():
                          "(<stem>_<lora>_bs<batch>.txt; with --merged for both LoRA modes)")
     ap.add_argument("--kernels", default="auto",
                     help="the engine's glue kernels, comma-separated runs of: auto, triton, torch")
-    ap.add_argument("--gate-up-rows", default="0",
+    ap.add_argument("--gate-up-rows", default="512",
                     help="lora=merged runs: gate and up as one GEMM up to this many rows (comma-separated runs)")
     ap.add_argument("--profile-batches", default="", help="batches to profile (default: smallest and largest)")
     ap.add_argument("--save-dir", default="/tmp/rand_qwen7b")
@@ -316,6 +316,16 @@ def main():
         ap.error(f"--gate-up-rows {args.gate_up_rows}: expected comma-separated integers >= 0")
     if any(g < 0 for g in gate_up_rows):
         ap.error(f"--gate-up-rows {args.gate_up_rows}: expected comma-separated integers >= 0")
+    try:
+        profile_batches = [int(x) for x in args.profile_batches.split(",")] if args.profile_batches else []
+    except ValueError:
+        ap.error(f"--profile-batches {args.profile_batches}: expected comma-separated batch sizes")
+    if profile_batches and not args.profile:
+        ap.error("--profile-batches needs --profile (where the kernel tables go)")
+    from rlhf_lit.rollout import decode_kernels
+
+    if "triton" in kernel_modes and not torch.cuda.is_available() and not decode_kernels.interpreting():
+        ap.error("--kernels triton needs a CUDA GPU (or TRITON_INTERPRET=1: Triton's interpreter, slow)")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = [int(b) for b in args.batches.split(",")]
@@ -382,8 +392,7 @@ def main():
             except Exception:
                 traceback.print_exc()
         if args.profile:
-            pb = [int(x) for x in args.profile_batches.split(",")] if args.profile_batches else \
-                sorted({min(batches), max(batches)})
+            pb = profile_batches or sorted({min(batches), max(batches)})
             for b in pb:
                 for lora in ("fused", "merged") if args.merged else ("fused",):
                     for kern in kernel_modes:

@@ -139,19 +139,67 @@ def test_sample_tokens_draws_the_exponential_race_token_with_its_logprob(device,
     torch.testing.assert_close(lp.double(), ref_lp, atol=1e-4, rtol=1e-5)
 
 
-def test_bad_inputs_are_named():
-    x = torch.randn(4, 8)
-    with pytest.raises(ValueError, match="2-D with contiguous rows"):
-        dk.rms_norm(x.t(), torch.ones(4), 1e-6)
-    with pytest.raises(ValueError, match="gate .* and up .* differ"):
-        dk.silu_mul(x, torch.randn(4, 9))
-    with pytest.raises(ValueError, match="temperature > 0"):
-        dk.sample_tokens(x, torch.rand(4, 8), 0.0, torch.zeros(1).long(), 0, None, False)
-    with pytest.raises(ValueError, match="u must be float32"):
-        dk.sample_tokens(x, torch.rand(4, 8).double(), 1.0, torch.zeros(1).long(), 0, None, False)
-    with pytest.raises(ValueError, match="not \\(n_heads \\+ 2 \\* n_kv_heads\\) \\* D"):
-        dk.rope_qkv_cache_write(torch.randn(2, 100), torch.randn(4, 16), torch.randn(4, 16), torch.zeros(2).long(),
-                                torch.zeros(1).long(), torch.zeros(2, 1, 4, 16), torch.zeros(2, 1, 4, 16), 4, 1)
+def _rope_args(**over):
+    """Valid arguments of rope_qkv_cache_write (B=2, 4 query heads, 1 KV head, D=16), with overrides."""
+    args = dict(y=torch.randn(2, 96), cos=torch.randn(8, 16), sin_signed=torch.randn(8, 16),
+                pos=torch.tensor([1, 7]), col=torch.tensor([3]), k_cache=torch.zeros(2, 1, 6, 16),
+                v_cache=torch.zeros(2, 1, 6, 16), n_heads=4, n_kv_heads=1)
+    args.update(over)
+    return args
+
+
+def _attention_args(**over):
+    args = dict(q=torch.randn(2, 64), k_cache=torch.zeros(2, 1, 6, 16), v_cache=torch.zeros(2, 1, 6, 16),
+                bias=torch.zeros(2, 1, 1, 6), col=torch.tensor([3]), scale=0.25)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("call,says", [
+    (lambda: dk.rms_norm(torch.randn(4, 8).t(), torch.ones(4), 1e-6), "x must be a 2-D tensor with contiguous rows"),
+    (lambda: dk.rms_norm(torch.randn(4, 64), torch.ones(128)[::2], 1e-6), "weight must be a contiguous \\(64,\\)"),
+    (lambda: dk.rms_norm(torch.randn(4, 64), torch.ones(32), 1e-6), "weight must be a contiguous \\(64,\\)"),
+    (lambda: dk.rms_norm(torch.randn(4, 64), torch.ones(64), None), "eps must be a finite number >= 0, got None"),
+    (lambda: dk.silu_mul(torch.randn(4, 8), torch.randn(4, 9)), "gate .* and up .* differ"),
+    (lambda: dk.silu_mul(torch.randn(4, 8), torch.randn(4, 8).double()), "gate .* and up .* differ"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(y=torch.randn(2, 100))), "y of width 100 must be"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(k_cache=torch.zeros(2, 2, 6, 16), v_cache=torch.zeros(2, 2, 6, 16))),
+     "k_cache must have shape \\(2, 1, 6, 16\\)"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(k_cache=torch.zeros(1, 1, 6, 16))), "k_cache must have shape"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(v_cache=torch.zeros(2, 1, 6, 32))), "v_cache must have shape"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(cos=torch.randn(16), sin_signed=torch.randn(16))),
+     "cos must be a \\(positions, head dim\\) table"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(cos=torch.randn(8, 32)[:, ::2], sin_signed=torch.randn(8, 32)[:, ::2])),
+     "cos must be a \\(positions, head dim\\) table with a contiguous last dim"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(pos=torch.tensor([1, 8]))), "pos holds 1..8: .* must be in \\[0, 8\\)"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(pos=torch.tensor([1.0, 2.0]))), "pos must be an int64 tensor of 2"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(pos=torch.tensor([1]))), "pos must be an int64 tensor of 2"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(col=3)), "col must be an int64 tensor of 1 element"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(col=torch.tensor([6]))), "col holds 6..6: the cache column must be in"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(bias=torch.randn(192)[::2])), "bias must be a contiguous \\(96,\\)"),
+    (lambda: dk.decode_attention(**_attention_args(col=torch.tensor([6]))), "col holds 6..6"),
+    (lambda: dk.decode_attention(**_attention_args(v_cache=torch.zeros(2, 1, 5, 16))), "v_cache must have shape"),
+    (lambda: dk.decode_attention(**_attention_args(q=torch.randn(2, 64).double())), "q is torch.float64, the cache"),
+    (lambda: dk.decode_attention(**_attention_args(q=torch.randn(2, 60))), "q of width 60 must be n_heads \\* D"),
+    (lambda: dk.decode_attention(**_attention_args(bias=torch.zeros(2, 1, 1, 5))), "bias must have shape \\(2, 1, 1, 6\\)"),
+    (lambda: dk.decode_attention(**_attention_args(k_cache=torch.zeros(2, 1, 6, 12), v_cache=torch.zeros(2, 1, 6, 12),
+                                                   q=torch.randn(2, 48))), "D a power of two >= 16"),
+    (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8), 0.0, torch.zeros(1).long(), 0, None, False),
+     "temperature must be a finite number > 0, got 0.0"),
+    (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8), float("inf"), torch.zeros(1).long(), 0, None, False),
+     "temperature must be a finite number > 0, got inf"),
+    (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8).double(), 1.0, torch.zeros(1).long(), 0, None, False),
+     "u must be float32"),
+    (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8), 1.0, 0, 0, None, False),
+     "step must be an int64 tensor of 1 element"),
+    (lambda: dk.sample_tokens(torch.randn(4, 0), torch.rand(4, 0), 1.0, torch.zeros(1).long(), 0, None, False),
+     "at least one column"),
+    (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8), 1.0, torch.zeros(1).long(), 2, torch.tensor([9]), False),
+     "stop_ids holds 9..9: token ids must be in \\[0, 8\\)"),
+])
+def test_bad_inputs_are_named(call, says):
+    with pytest.raises(ValueError, match=says):
+        call()
 
 
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
@@ -164,8 +212,29 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
         StaticCudaGraphGenerate(greedy=True, kernels="triton").generate(model, ids, mask, sampling(2), [], PAD)
     with pytest.raises(ValueError, match="kernels must be"):
         StaticCudaGraphGenerate(kernels="cuda")
-    with pytest.raises(ValueError, match="gate_up_rows"):
-        StaticCudaGraphGenerate(gate_up_rows=-1)
+    for bad in (-1, "64", None, True, 1.5):
+        with pytest.raises(ValueError, match="gate_up_rows must be an integer >= 0"):
+            StaticCudaGraphGenerate(gate_up_rows=bad)
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("Yes", True), ("on", True), ("0", False), ("", False)])
+def test_interpreter_switch_reads_what_triton_reads(monkeypatch, value, on):
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert dk.interpreting() is on
+
+
+def test_auto_falls_back_to_the_torch_ops_with_a_warning_when_the_kernels_do_not_run(monkeypatch, caplog):
+    """kernels="auto" asks decode_kernels.self_test; a failure there is a warning and the torch glue."""
+    import rlhf_lit.rollout.cuda_graph as cg
+
+    assert dk.self_test(torch.device("cpu")) is None  # they do run here, through the interpreter
+    monkeypatch.setattr(cg.decode_kernels, "self_test", lambda dev: "CompilationError: no sm_42 backend")
+    monkeypatch.setattr(cg, "_GLUE_WARNED", set())
+    with caplog.at_level("WARNING", logger="rlhf_lit.rollout.cuda_graph"):
+        assert StaticCudaGraphGenerate._kernels_run(torch.device("cpu")) is False
+        assert StaticCudaGraphGenerate._kernels_run(torch.device("cpu")) is False
+    warned = [r.getMessage() for r in caplog.records if "decoding with the torch ops" in r.getMessage()]
+    assert len(warned) == 1 and "no sm_42 backend" in warned[0]
 
 
 def _count_kernel_calls(monkeypatch) -> dict:

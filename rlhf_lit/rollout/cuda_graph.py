@@ -91,6 +91,7 @@ tested against HF ``generate`` token for token. Unsupported architectures raise
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -103,6 +104,8 @@ import rlhf_lit.rollout.decode_kernels as decode_kernels
 from rlhf_lit.model.peft_layers import fuse_rows_as_views, is_lora_layer, lora_state_signature, lora_view
 from rlhf_lit.rollout.base import RolloutEngine, SamplingConfig
 from rlhf_lit.rollout.sampling import filter_logits, sample_from_filtered, sample_from_logits  # noqa: F401
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -499,13 +502,20 @@ class StaticCudaGraphGenerate(RolloutEngine):
         fuse_qkv: run q/k/v (plain Linear bases) as one GEMM; their parameters become views of
             one side-by-side buffer (no extra memory); RoPE then runs on q and k at once.
         prefill_rows: prompts per chunk of the prompt pass (its activations scale with it).
-        kernels: the decode step's glue (RMSNorm, RoPE with the KV-cache write, SiLU-and-mul):
-            ``"triton"`` (one fused kernel each, :mod:`~rlhf_lit.rollout.decode_kernels`; on CPU
-            tensors through Triton's interpreter, for tests), ``"torch"`` (torch ops) or ``"auto"``
-            (Triton on CUDA when it imports, else torch). ``"triton"`` on the CPU needs
-            ``TRITON_INTERPRET=1``.
+        kernels: the decode step's glue as Triton kernels (:mod:`~rlhf_lit.rollout.decode_kernels`)
+            or torch ops: ``"triton"``, ``"torch"``, or ``"auto"`` (Triton on CUDA when it imports
+            and its kernels pass :func:`~rlhf_lit.rollout.decode_kernels.self_test` there, else torch,
+            with a warning). ``"triton"`` on the CPU needs ``TRITON_INTERPRET=1`` (tests). Where a
+            kernel does not apply, that part runs as torch ops: RMSNorm needs the norm weight in the
+            activation dtype and ``norm="fused"``; the bias + RoPE + cache-write kernel needs fused
+            q/k/v, no q/k norms (so not Qwen3) and ``head_dim / 2`` a power of two; attention needs
+            ``head_dim`` a power of two >= 16; SiLU-and-mul an ``act_fn`` that is SiLU; the sampler
+            ``top_k=0``, ``top_p=1`` and sampling (not ``greedy``). The prompt pass always uses torch
+            ops.
         gate_up_rows: with ``lora="merged"``, the MLP's gate and up run as one GEMM over their
-            side-by-side merged copies when a decode step has at most this many rows (0: never).
+            side-by-side merged copies when the GEMM has at most this many rows (a decode step: the
+            batch; a prompt chunk: its rows x prompt length); otherwise as two GEMMs over the
+            column halves. 0: never.
     """
 
     def __init__(
@@ -533,8 +543,8 @@ class StaticCudaGraphGenerate(RolloutEngine):
         if kernels == "triton" and not decode_kernels.available():
             raise ValueError("kernels='triton' needs the triton package (it ships with torch's CUDA builds)")
         self.kernels = kernels
-        if gate_up_rows < 0:
-            raise ValueError(f"gate_up_rows must be >= 0, got {gate_up_rows}")
+        if isinstance(gate_up_rows, bool) or not isinstance(gate_up_rows, int) or gate_up_rows < 0:
+            raise ValueError(f"gate_up_rows must be an integer >= 0, got {gate_up_rows!r}")
         self.gate_up_rows = gate_up_rows
         self._fused_glue = False
         if prompt_bucket < 1 or check_every < 1 or prefill_rows < 1:
@@ -627,7 +637,7 @@ class StaticCudaGraphGenerate(RolloutEngine):
             raise ValueError(f"kernels='triton' runs on CUDA (the model is on {dev}); on the CPU only under "
                              "TRITON_INTERPRET=1, Triton's interpreter (tests). Use kernels='auto' or 'torch'")
         self._fused_glue = self.kernels == "triton" or (
-            self.kernels == "auto" and dev.type == "cuda" and decode_kernels.available()
+            self.kernels == "auto" and dev.type == "cuda" and decode_kernels.available() and self._kernels_run(dev)
         )
         key = (self._fused_glue, B, Pb, R, sampling.min_new_tokens, float(sampling.temperature), int(sampling.top_k),
                float(sampling.top_p), stops, int(pad_token_id), self.greedy, self.compute_logprobs,
@@ -687,6 +697,16 @@ class StaticCudaGraphGenerate(RolloutEngine):
         out = st.out[:, :n].clone()
         self.last_logprobs = st.lp[:, :n].clone() if self.compute_logprobs else None
         return out
+
+    @staticmethod
+    def _kernels_run(dev: torch.device) -> bool:
+        """The Triton kernels compile and run on ``dev`` (once per device); if not, ``auto`` decodes
+        with the torch ops and says why, rather than stopping the run."""
+        err = decode_kernels.self_test(dev)
+        if err is not None and str(dev) not in _GLUE_WARNED:
+            _GLUE_WARNED.add(str(dev))
+            log.warning("the Triton decode kernels do not run on %s (%s); decoding with the torch ops", dev, err)
+        return err is None
 
     # ------------------------------------------------------------------------ building blocks
     def _rms(self, x: Tensor, norm: nn.Module) -> Tensor:
@@ -902,6 +922,7 @@ class StaticCudaGraphGenerate(RolloutEngine):
 
 
 _WARMUP_STREAMS: dict = {}
+_GLUE_WARNED: set = set()
 
 
 def _warmup_stream(device: torch.device):

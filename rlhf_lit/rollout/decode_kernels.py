@@ -5,7 +5,7 @@ Why
 ---
 At decode batch sizes a 7B step is the weight GEMMs plus ~500 small kernels. On an H200 the small
 ones cost ~1.4 ms of a 5.4 ms batch-1 step (docs/results/decode_profile_2026-12-01_h200_*):
-- ``torch.rms_norm`` takes 5.6 us per row, 57 times a step;
+- ``torch.rms_norm`` takes 5.6 us a call, 57 calls a step;
 - RoPE is three kernels (``x * cos``, ``roll``, ``addcmul``) and the cache write two ``index_copy_``;
 - SiLU-and-mul is two kernels;
 - masked SDPA reads all cache columns, filled or not;
@@ -35,19 +35,28 @@ log-probs therefore do not depend on which path ran, beyond float-contraction di
   same seed draws the same tokens.
 
 Each function runs on CUDA tensors, or on CPU tensors through Triton's interpreter; CI uses the
-interpreter to test them against the torch ops without a GPU. :func:`available` says whether Triton
-imports.
+interpreter to test them against the torch ops without a GPU (the interpreter rounds fp32 to bf16
+towards zero, so bf16 results there differ from the GPU's by a bf16 step or two).
+:func:`available` says whether Triton imports, :func:`self_test` whether the kernels compile and
+run on a device. The kernel bodies are in :mod:`rlhf_lit.rollout.triton_kernels`.
+
+Inputs are checked and a bad one raises :class:`ValueError` naming it. Index values held in device
+tensors (positions, the cache column, the step) are range-checked too, except while a CUDA graph is
+being captured, where reading them is not allowed: the engine's own warm-up steps, run before the
+capture with the same tensors, are checked.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from types import SimpleNamespace
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-_BUILT: list = []
+_TRUE = ("1", "true", "yes", "on", "y")  # what Triton's own knobs read as on
+_SELF_TEST: dict = {}
 
 
 def available() -> bool:
@@ -60,219 +69,131 @@ def available() -> bool:
 
 
 def interpreting() -> bool:
-    """``TRITON_INTERPRET=1``: the kernels run on CPU tensors through Triton's interpreter (tests).
+    """``TRITON_INTERPRET`` is on: the kernels run on CPU tensors through Triton's interpreter (tests).
 
     Triton reads the variable when it is first imported, so it must be set before that."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
 
 
 def _kernels(t: Tensor):
-    """The jitted kernels, built on first use.
+    """The jitted kernels (:func:`rlhf_lit.rollout.triton_kernels.build`).
 
     Raises:
-        ValueError: ``t`` is not on CUDA and Triton is not interpreting.
+        ValueError: ``t`` is not on CUDA and Triton is not interpreting, or ``TRITON_INTERPRET`` was
+            set after Triton was imported (its kernels would not run on the CPU).
     """
     if t.device.type != "cuda" and not interpreting():
         raise ValueError(f"the Triton decode kernels run on CUDA tensors, got {t.device}; on the CPU only "
                          "through Triton's interpreter (TRITON_INTERPRET=1 before triton is imported)")
-    if _BUILT:
-        return _BUILT[0]
-    import triton
-    import triton.language as tl
+    from rlhf_lit.rollout.triton_kernels import build
 
-    @triton.jit
-    def rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, H, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        m = offs < H
-        x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
-        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + offs, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=m)
+    K = build()
+    if t.device.type != "cuda":
+        from triton.runtime.interpreter import InterpretedFunction
 
-    @triton.jit
-    def rope_qkv_cache_kernel(y_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, col_ptr, k_ptr, v_ptr,
-                              stride_y, stride_t, stride_cb, stride_ch, stride_cl,
-                              N_Q: tl.constexpr, N_KV: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr):
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        d = tl.arange(0, HALF)
-        src = y_ptr + b * stride_y + h * (2 * HALF)
-        x1 = tl.load(src + d)
-        x2 = tl.load(src + HALF + d)
-        if HAS_BIAS:  # the projection's bias, rounded in as torch's ``y + b`` rounds
-            x1 = (x1.to(tl.float32) + tl.load(bias_ptr + h * (2 * HALF) + d).to(tl.float32)).to(x1.dtype)
-            x2 = (x2.to(tl.float32) + tl.load(bias_ptr + h * (2 * HALF) + HALF + d).to(tl.float32)).to(x2.dtype)
-        col = tl.load(col_ptr)
-        if h < N_Q + N_KV:
-            p = tl.load(pos_ptr + b)
-            c1 = tl.load(cos_ptr + p * stride_t + d).to(tl.float32)
-            c2 = tl.load(cos_ptr + p * stride_t + HALF + d).to(tl.float32)
-            s1 = tl.load(sin_ptr + p * stride_t + d).to(tl.float32)
-            s2 = tl.load(sin_ptr + p * stride_t + HALF + d).to(tl.float32)
-            f1 = x1.to(tl.float32)
-            f2 = x2.to(tl.float32)
-            # round(x * cos) first, as the torch path's separate multiply does
-            o1 = (f1 * c1).to(x1.dtype).to(tl.float32) + f2 * s1
-            o2 = (f2 * c2).to(x1.dtype).to(tl.float32) + f1 * s2
-            if h < N_Q:
-                tl.store(src + d, o1.to(x1.dtype))
-                tl.store(src + HALF + d, o2.to(x1.dtype))
-            else:
-                dst = k_ptr + b * stride_cb + (h - N_Q) * stride_ch + col * stride_cl
-                tl.store(dst + d, o1.to(k_ptr.dtype.element_ty))
-                tl.store(dst + HALF + d, o2.to(k_ptr.dtype.element_ty))
-        else:
-            dst = v_ptr + b * stride_cb + (h - N_Q - N_KV) * stride_ch + col * stride_cl
-            tl.store(dst + d, x1.to(v_ptr.dtype.element_ty))
-            tl.store(dst + HALF + d, x2.to(v_ptr.dtype.element_ty))
-
-    @triton.jit
-    def silu_mul_kernel(g_ptr, u_ptr, out_ptr, stride_g, stride_u, stride_out, N, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < N
-        g = tl.load(g_ptr + row * stride_g + offs, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + row * stride_u + offs, mask=m, other=0.0).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + offs, (s * u).to(out_ptr.dtype.element_ty), mask=m)
+        if not isinstance(K.rms_norm, InterpretedFunction):
+            raise ValueError("TRITON_INTERPRET was set after triton was imported (or after the kernels were "
+                             "built): set it before anything imports triton")
+    return K
 
 
-    @triton.jit
-    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, col_ptr, o_ptr,
-                                stride_qb, stride_cb, stride_ch, stride_cl, stride_bias, stride_ob, scale,
-                                L: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                                FP32_DOT: tl.constexpr):
-        # one program per (row, KV head): its G query heads against the filled cache columns
-        b = tl.program_id(0)
-        h = tl.program_id(1)
-        g = tl.arange(0, G_PAD)
-        d = tl.arange(0, D)
-        gm = g < G
-        q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * D + d[None, :], mask=gm[:, None], other=0.0)
-        if FP32_DOT:  # fp32 models, and the interpreter (its bf16 dot products are wrong): fp32 products
-            q = q.to(tl.float32)
-        n_cols = tl.load(col_ptr) + 1  # columns past the one written this step are empty: masked, not read
-        m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
-        l_i = tl.zeros((G_PAD,), tl.float32)
-        acc = tl.zeros((G_PAD, D), tl.float32)
-        kv = b * stride_cb + h * stride_ch
-        for start in range(0, L, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            nm = n < n_cols
-            k = tl.load(k_ptr + kv + n[:, None] * stride_cl + d[None, :], mask=nm[:, None], other=0.0)
-            if FP32_DOT:
-                k = k.to(tl.float32)
-            if FP32_DOT:  # fp32 operands: full precision, not Triton's default tf32
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
-            bias = tl.load(bias_ptr + b * stride_bias + n, mask=nm, other=0.0).to(tl.float32)
-            s = tl.where(nm[None, :], s + bias[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + kv + n[:, None] * stride_cl + d[None, :], mask=nm[:, None], other=0.0)
-            if FP32_DOT:
-                v = v.to(tl.float32)
-            if FP32_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(o_ptr + b * stride_ob + (h * G + g)[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=gm[:, None])
+def self_test(device: torch.device) -> Optional[str]:
+    """Run every kernel once on small inputs on ``device``: ``None`` if they all compile and run,
+    else the error, as text. The result is kept per device.
 
-    @triton.jit
-    def sample_partials_kernel(logits_ptr, u_ptr, stop_ptr, step_ptr, m_ptr, s_ptr, key_ptr, idx_ptr,
-                               stride_l, stride_u, V, inv_t, min_new, N_STOP: tl.constexpr, CHUNKS: tl.constexpr,
-                               CHUNK: tl.constexpr, BLOCK: tl.constexpr, LSE_SUPPRESSED: tl.constexpr):
-        # one program per (row, chunk of the vocabulary): the chunk's running max and sum of exp (for the
-        # log-normalizer) and its best exponential-race key with that key's index
-        row = tl.program_id(0)
-        c = tl.program_id(1)
-        suppress = tl.load(step_ptr) < min_new
-        m_run = tl.full((BLOCK,), float("-inf"), tl.float32)
-        s_run = tl.zeros((BLOCK,), tl.float32)
-        best = tl.full((BLOCK,), float("-inf"), tl.float32)
-        best_i = tl.zeros((BLOCK,), tl.int32)
-        for off in range(0, CHUNK, BLOCK):
-            idx = c * CHUNK + off + tl.arange(0, BLOCK)
-            msk = idx < V
-            x = tl.load(logits_ptr + row * stride_l + idx, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
-            xs = x
-            for j in tl.static_range(N_STOP):
-                xs = tl.where(suppress & (idx == tl.load(stop_ptr + j)), float("-inf"), xs)
-            if LSE_SUPPRESSED:
-                xl = xs
-            else:
-                xl = x
-            m_new = tl.maximum(m_run, xl)
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_run = s_run * tl.exp(m_run - safe) + tl.exp(xl - safe)
-            m_run = m_new
-            u = tl.load(u_ptr + row * stride_u + idx, mask=msk, other=0.5)
-            key = tl.where(msk, xs - tl.log(-tl.log(u)), float("-inf"))
-            better = key > best
-            best = tl.where(better, key, best)
-            best_i = tl.where(better, idx, best_i)
-        m = tl.max(m_run, 0)
-        safe_m = tl.where(m == float("-inf"), 0.0, m)
-        out = row * CHUNKS + c
-        tl.store(m_ptr + out, m)
-        tl.store(s_ptr + out, tl.sum(s_run * tl.exp(m_run - safe_m), 0))
-        k = tl.max(best, 0)
-        tl.store(key_ptr + out, k)
-        tl.store(idx_ptr + out, tl.min(tl.where(best == k, best_i, 2147483647), 0))
-
-    @triton.jit
-    def sample_combine_kernel(logits_ptr, m_ptr, s_ptr, key_ptr, idx_ptr, tok_ptr, lp_ptr, stride_l, inv_t,
-                              CHUNKS: tl.constexpr, C_PAD: tl.constexpr):
-        row = tl.program_id(0)
-        c = tl.arange(0, C_PAD)
-        cm = c < CHUNKS
-        m = tl.load(m_ptr + row * CHUNKS + c, mask=cm, other=float("-inf"))
-        s = tl.load(s_ptr + row * CHUNKS + c, mask=cm, other=0.0)
-        key = tl.load(key_ptr + row * CHUNKS + c, mask=cm, other=float("-inf"))
-        idx = tl.load(idx_ptr + row * CHUNKS + c, mask=cm, other=2147483647)
-        mm = tl.max(m, 0)
-        lse = mm + tl.log(tl.sum(tl.where(cm, s * tl.exp(m - mm), 0.0), 0))
-        kmax = tl.max(key, 0)
-        tok = tl.min(tl.where(key == kmax, idx, 2147483647), 0)
-        x_tok = tl.load(logits_ptr + row * stride_l + tok).to(tl.float32) * inv_t
-        tl.store(tok_ptr + row, tok.to(tl.int64))
-        tl.store(lp_ptr + row, x_tok - lse)
-
-    _BUILT.append(SimpleNamespace(sample_partials=sample_partials_kernel, sample_combine=sample_combine_kernel,
-                                  triton=triton, rms_norm=rms_norm_kernel, rope_qkv_cache=rope_qkv_cache_kernel,
-                                  silu_mul=silu_mul_kernel, decode_attention=decode_attention_kernel))
-    return _BUILT[0]
+    The engine's ``kernels="auto"`` uses it to fall back to the torch ops rather than stop a run
+    where Triton cannot build for the GPU."""
+    key = str(device)
+    if key not in _SELF_TEST:
+        try:
+            dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+            x = torch.randn(2, 64, device=device, dtype=dt)
+            rms_norm(x, torch.ones(64, device=device, dtype=dt), 1e-6)
+            silu_mul(x, x)
+            y = torch.randn(2, 4 * 16, device=device, dtype=dt)
+            table = torch.randn(8, 16, device=device, dtype=dt)
+            cache = torch.zeros(2, 1, 16, 16, device=device, dtype=dt)
+            pos = torch.zeros(2, dtype=torch.long, device=device)
+            col = torch.zeros(1, dtype=torch.long, device=device)
+            rope_qkv_cache_write(y, table, table, pos, col, cache, cache.clone(), 2, 1)
+            decode_attention(y[:, :32], cache, cache, torch.zeros(2, 1, 1, 16, device=device, dtype=dt), col, 0.25)
+            sample_tokens(x, torch.rand(2, 64, device=device), 1.0, col, 0, None, False)
+            _SELF_TEST[key] = None
+        except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels here
+            _SELF_TEST[key] = f"{type(e).__name__}: {e}"
+    return _SELF_TEST[key]
 
 
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
 def _rows(x: Tensor, name: str) -> None:
-    if x.dim() != 2 or x.stride(-1) != 1:
-        raise ValueError(f"{name} must be 2-D with contiguous rows, got shape {tuple(x.shape)} strides {x.stride()}")
+    if not isinstance(x, Tensor) or x.dim() != 2 or x.stride(-1) != 1:
+        got = f"shape {tuple(x.shape)} strides {x.stride()}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a 2-D tensor with contiguous rows, got {got}")
 
 
+def _same_device(ref: Tensor, **tensors: Tensor) -> None:
+    for name, t in tensors.items():  # a non-tensor is named by the check made for it
+        if isinstance(t, Tensor) and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device}, the other inputs on {ref.device}")
+
+
+def _index(t: Tensor, name: str, numel: int, upper: int, what: str) -> None:
+    """``t``: an int64 tensor of ``numel`` elements with values in [0, upper) (checked on the host
+    unless a CUDA graph is being captured)."""
+    if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.numel() != numel:
+        got = f"{t.dtype} of {t.numel()} elements" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be an int64 tensor of {numel} element(s) ({what}), got {got}")
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= upper:
+        raise ValueError(f"{name} holds {lo}..{hi}: {what} must be in [0, {upper})")
+
+
+def _cache(k_cache: Tensor, v_cache: Tensor, shape: tuple) -> None:
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(c, Tensor) or tuple(c.shape) != shape or c.stride(-1) != 1:
+            got = f"shape {tuple(c.shape)} strides {c.stride()}" if isinstance(c, Tensor) else type(c).__name__
+            raise ValueError(f"{name} must have shape {shape} (batch, KV heads, columns, head dim) with a "
+                             f"contiguous last dim, got {got}")
+    if k_cache.stride() != v_cache.stride() or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache and v_cache must share strides and dtype, got {k_cache.stride()} "
+                         f"{k_cache.dtype} and {v_cache.stride()} {v_cache.dtype}")
+
+
+def _pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels
+# ---------------------------------------------------------------------------------------------
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """RMSNorm of each row, one program per row.
 
     Args:
         x: ``(B, H)``, rows contiguous.
-        weight: ``(H,)``.
-        eps: added to the mean square.
+        weight: ``(H,)``, contiguous.
+        eps: added to the mean square, a finite number >= 0.
 
     Returns:
         ``(B, H)`` in ``x``'s dtype: ``x * rsqrt(mean(x^2, -1) + eps) * weight`` in fp32, one rounding.
 
     Raises:
-        ValueError: ``x`` is not 2-D with contiguous rows.
+        ValueError: ``x`` is not 2-D with contiguous rows, ``weight`` is not a contiguous ``(H,)``,
+            or ``eps`` is not a finite number >= 0.
     """
     _rows(x, "x")
-    K = _kernels(x)
     B, H = x.shape
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != (H,) or weight.stride(0) != 1:
+        got = f"shape {tuple(weight.shape)} strides {weight.stride()}" if isinstance(weight, Tensor) else type(weight)
+        raise ValueError(f"weight must be a contiguous ({H},) tensor for x of {H} columns, got {got}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    _same_device(x, weight=weight)
+    K = _kernels(x)
     out = x.new_empty(B, H)
     block = K.triton.next_power_of_2(H)
     K.rms_norm[(B,)](x, weight, out, x.stride(0), out.stride(0), H, float(eps), BLOCK=block,
@@ -282,7 +203,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def rope_qkv_cache_write(y: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor, col: Tensor,
                          k_cache: Tensor, v_cache: Tensor, n_heads: int, n_kv_heads: int,
-                         bias: Tensor | None = None) -> None:
+                         bias: Optional[Tensor] = None) -> None:
     """Rotary embedding of q and k in one fused q/k/v projection output, and the KV-cache write.
 
     ``y`` holds, per row, ``n_heads`` query heads, then ``n_kv_heads`` key heads, then
@@ -291,30 +212,43 @@ def rope_qkv_cache_write(y: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor
 
     Args:
         y: ``(B, (n_heads + 2 * n_kv_heads) * D)``, rows contiguous.
-        cos: ``(T, D)`` table indexed by position.
-        sin_signed: ``(T, D)``, the sine table with its first half negated.
-        pos: ``(B,)`` int64 position of each row's token.
-        col: ``(1,)`` int64 cache column, the same for every row.
-        k_cache, v_cache: ``(B, n_kv_heads, L, D)``, equal strides, last dim contiguous.
+        cos: ``(T, D)`` table indexed by position, last dim contiguous.
+        sin_signed: ``(T, D)``, the sine table with its first half negated, strided as ``cos``.
+        pos: ``(B,)`` int64, each row's position, in [0, T).
+        col: ``(1,)`` int64, the cache column, in [0, L), the same for every row.
+        k_cache, v_cache: ``(B, n_kv_heads, L, D)``, equal strides and dtype, last dim contiguous.
         n_heads, n_kv_heads: query and key/value heads.
-        bias: ``((n_heads + 2 * n_kv_heads) * D,)``, added to ``y`` first (the projection's bias, when
-            its GEMM ran without one: cuBLAS's bias epilogue picks slower kernels at decode sizes).
+        bias: ``((n_heads + 2 * n_kv_heads) * D,)`` contiguous, added to ``y`` first (the projection's
+            bias, when its GEMM ran without one: cuBLAS's bias epilogue picks slower kernels at decode
+            sizes).
 
     Raises:
-        ValueError: bad shapes, or ``D`` not an even power of two.
+        ValueError: any shape, stride, dtype or device above not as described, ``D / 2`` not a power
+            of two, or ``pos`` / ``col`` out of range.
     """
     _rows(y, "y")
     B, width = y.shape
-    D = cos.shape[-1]
+    for name, t in (("cos", cos), ("sin_signed", sin_signed)):
+        if not isinstance(t, Tensor) or t.dim() != 2 or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be a (positions, head dim) table with a contiguous last dim")
+    if cos.shape != sin_signed.shape or cos.stride() != sin_signed.stride():
+        raise ValueError(f"cos {tuple(cos.shape)} and sin_signed {tuple(sin_signed.shape)} must have one shape "
+                         "and strides")
+    T, D = cos.shape
     half = D // 2
-    if width != (n_heads + 2 * n_kv_heads) * D or half < 1 or half & (half - 1):
-        raise ValueError(f"y of width {width} is not (n_heads + 2 * n_kv_heads) * D with D={D} a power of two "
-                         f"({n_heads} + 2 * {n_kv_heads} heads)")
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or cos.stride() != sin_signed.stride():
-        raise ValueError("k_cache and v_cache need equal strides with a contiguous last dim; cos and sin too")
+    if D % 2 or not _pow2(half) or width != (n_heads + 2 * n_kv_heads) * D:
+        raise ValueError(f"y of width {width} must be (n_heads + 2 * n_kv_heads) * D = ({n_heads} + 2 * "
+                         f"{n_kv_heads}) * {D}, with D / 2 a power of two (D from the cos table)")
+    L = k_cache.shape[2] if isinstance(k_cache, Tensor) and k_cache.dim() == 4 else -1
+    _cache(k_cache, v_cache, (B, n_kv_heads, L, D))
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (width,) or bias.stride(0) != 1):
+        got = f"shape {tuple(bias.shape)} strides {bias.stride()}" if isinstance(bias, Tensor) else type(bias)
+        raise ValueError(f"bias must be a contiguous ({width},) tensor, got {got}")
+    _same_device(y, cos=cos, sin_signed=sin_signed, pos=pos, col=col, k_cache=k_cache, v_cache=v_cache,
+                 **({"bias": bias} if bias is not None else {}))
+    _index(pos, "pos", B, T, "each row's position, a row of the cos/sin tables")
+    _index(col, "col", 1, L, "the cache column")
     kernel = _kernels(y).rope_qkv_cache
-    if bias is not None and (bias.shape != (width,) or bias.stride(0) != 1):
-        raise ValueError(f"bias must be contiguous of shape ({width},), got {tuple(bias.shape)}")
     kernel[(B, n_heads + 2 * n_kv_heads)](
         y, y if bias is None else bias, cos, sin_signed, pos, col, k_cache, v_cache,
         y.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -326,25 +260,25 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """SwiGLU's gating: ``round(silu(gate)) * up``, one kernel.
 
     Args:
-        gate, up: ``(B, N)``, rows contiguous (row strides may differ).
+        gate, up: ``(B, N)``, rows contiguous (row strides may differ), one dtype and device.
 
     Returns:
         ``(B, N)`` in ``gate``'s dtype.
 
     Raises:
-        ValueError: shapes differ or rows are not contiguous.
+        ValueError: shapes, dtypes or devices differ, or rows are not contiguous.
     """
     _rows(gate, "gate")
     _rows(up, "up")
-    if gate.shape != up.shape:
-        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} differ")
+    _same_device(gate, up=up)
     K = _kernels(gate)
-    triton, kernel = K.triton, K.silu_mul
     B, N = gate.shape
     out = gate.new_empty(B, N)
     block = 1024
-    kernel[(B, triton.cdiv(N, block))](gate, up, out, gate.stride(0), up.stride(0),
-            out.stride(0), N, BLOCK=block, num_warps=4)
+    K.silu_mul[(B, K.triton.cdiv(N, block))](gate, up, out, gate.stride(0), up.stride(0), out.stride(0), N,
+                                             BLOCK=block, num_warps=4)
     return out
 
 
@@ -360,10 +294,11 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, 
 
     Args:
         q: ``(B, n_heads * D)``, rows contiguous (a row stride larger than ``n_heads * D`` is fine:
-            the q columns of a fused q/k/v output).
-        k_cache, v_cache: ``(B, n_kv_heads, L, D)``, equal strides, last dim contiguous.
+            the q columns of a fused q/k/v output), the caches' dtype.
+        k_cache, v_cache: ``(B, n_kv_heads, L, D)``, equal strides and dtype, last dim contiguous;
+            ``n_heads`` a multiple of ``n_kv_heads``.
         bias: ``(B, 1, 1, L)`` additive mask (0 or a large negative), last dim contiguous.
-        col: ``(1,)`` int64, the last filled column.
+        col: ``(1,)`` int64, the last filled column, in [0, L).
         scale: multiplies ``q k^T``.
         block_n, num_warps, num_stages: cache columns per loop step, warps per program and software
             pipelining depth (the defaults were the best of 18 settings on an H200 at 64 and 512 rows,
@@ -374,17 +309,24 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, 
         ``h`` are heads ``h * G .. h * G + G - 1``.
 
     Raises:
-        ValueError: bad shapes or strides, or ``D`` not a power of two of at least 16.
+        ValueError: any shape, stride, dtype or device above not as described, ``D`` not a power
+            of two of at least 16, or ``col`` out of range.
     """
     _rows(q, "q")
+    if not isinstance(k_cache, Tensor) or k_cache.dim() != 4:
+        raise ValueError("k_cache must be a (batch, KV heads, columns, head dim) tensor")
     B, nkv, L, D = k_cache.shape
-    if q.shape[0] != B or q.shape[1] % (nkv * D) or D < 16 or D & (D - 1):
-        raise ValueError(f"q {tuple(q.shape)} does not fit a cache of {nkv} KV heads of D={D} "
-                         "(D a power of two >= 16)")
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or bias.shape != (B, 1, 1, L) \
-            or bias.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache need equal strides with a contiguous last dim, and bias the "
-                         f"shape ({B}, 1, 1, {L}); got bias {tuple(bias.shape)}")
+    _cache(k_cache, v_cache, (q.shape[0], nkv, L, D))
+    if q.shape[1] % (nkv * D) or not _pow2(D) or D < 16:
+        raise ValueError(f"q of width {q.shape[1]} must be n_heads * D for a cache of {nkv} KV heads of D={D} "
+                         "(n_heads a multiple of the KV heads; D a power of two >= 16)")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q is {q.dtype}, the cache {k_cache.dtype}: they must match")
+    if not isinstance(bias, Tensor) or tuple(bias.shape) != (B, 1, 1, L) or bias.stride(-1) != 1:
+        got = f"shape {tuple(bias.shape)} strides {bias.stride()}" if isinstance(bias, Tensor) else type(bias)
+        raise ValueError(f"bias must have shape ({B}, 1, 1, {L}) with a contiguous last dim, got {got}")
+    _same_device(q, k_cache=k_cache, v_cache=v_cache, bias=bias, col=col)
+    _index(col, "col", 1, L, "the last filled cache column")
     K = _kernels(q)
     G = q.shape[1] // (nkv * D)
     out = q.new_empty(B, G * nkv * D)
@@ -401,7 +343,7 @@ SAMPLE_CHUNK = 4096  # vocabulary entries per program of the sampler's first pas
 
 
 def sample_tokens(logits: Tensor, u: Tensor, temperature: float, step: Tensor, min_new_tokens: int,
-                  stop_ids: Tensor | None, lse_after_suppression: bool) -> tuple[Tensor, Tensor]:
+                  stop_ids: Optional[Tensor], lse_after_suppression: bool) -> tuple[Tensor, Tensor]:
     """One token per row from ``softmax(logits / T)``, and its log-prob, in two kernels.
 
     The draw is the exponential race of :func:`~rlhf_lit.rollout.sampling.sample_from_filtered`
@@ -414,34 +356,43 @@ def sample_tokens(logits: Tensor, u: Tensor, temperature: float, step: Tensor, m
     logits and ``u``; the second combines each row's chunks.
 
     Args:
-        logits: ``(B, V)``, rows contiguous, any float dtype.
-        u: ``(B, V)`` float32 uniforms in [0, 1).
-        temperature: ``T > 0``.
+        logits: ``(B, V)``, rows contiguous, any float dtype, ``V >= 1``.
+        u: ``(B, V)`` float32 uniforms in [0, 1), rows contiguous.
+        temperature: ``T``, finite and > 0.
         step: ``(1,)`` int64, the decode step (compared with ``min_new_tokens`` on the device).
         min_new_tokens: stop ids are suppressed while ``step`` is below it.
-        stop_ids: ``(S,)`` int64 or ``None``.
+        stop_ids: ``(S,)`` int64 token ids in [0, V), or ``None``.
         lse_after_suppression: see above.
 
     Returns:
         ``(tokens (B,) int64, logprobs (B,) float32)``.
 
     Raises:
-        ValueError: shapes differ, rows are not contiguous, or ``temperature <= 0``.
+        ValueError: any input above not as described.
     """
     _rows(logits, "logits")
     _rows(u, "u")
-    if u.shape != logits.shape or u.dtype != torch.float32 or not temperature > 0:
-        raise ValueError(f"u must be float32 of the logits' shape {tuple(logits.shape)} (got {u.dtype} "
-                         f"{tuple(u.shape)}) and the temperature > 0 (got {temperature})")
-    K = _kernels(logits)
+    if u.shape != logits.shape or u.dtype != torch.float32:
+        raise ValueError(f"u must be float32 of the logits' shape {tuple(logits.shape)}, got {u.dtype} "
+                         f"{tuple(u.shape)}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     B, V = logits.shape
+    if V < 1:
+        raise ValueError("logits must have at least one column (the vocabulary)")
+    _same_device(logits, u=u, step=step, **({"stop_ids": stop_ids} if stop_ids is not None else {}))
+    _index(step, "step", 1, 2 ** 62, "the decode step")
+    n_stop = 0 if stop_ids is None or min_new_tokens <= 0 else int(stop_ids.numel())
+    if n_stop:
+        _index(stop_ids, "stop_ids", n_stop, V, "token ids")
+    K = _kernels(logits)
     chunks = K.triton.cdiv(V, SAMPLE_CHUNK)
     dev = logits.device
     m = torch.empty(B, chunks, dtype=torch.float32, device=dev)
     s = torch.empty_like(m)
     key = torch.empty_like(m)
     idx = torch.empty(B, chunks, dtype=torch.int32, device=dev)
-    n_stop = 0 if stop_ids is None or min_new_tokens <= 0 else int(stop_ids.numel())
     K.sample_partials[(B, chunks)](
         logits, u, stop_ids if n_stop else step, step, m, s, key, idx, logits.stride(0), u.stride(0), V,
         1.0 / temperature, int(min_new_tokens), N_STOP=n_stop, CHUNKS=chunks, CHUNK=SAMPLE_CHUNK, BLOCK=1024,

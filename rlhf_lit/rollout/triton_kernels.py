@@ -1,0 +1,191 @@
+"""The Triton source of the decode step's kernels (:mod:`rlhf_lit.rollout.decode_kernels` checks
+inputs, launches them and documents each; this file holds only the kernel bodies).
+
+:func:`build` defines them on first use: importing this module never imports Triton. Triton picks
+compiled or interpreted (``TRITON_INTERPRET``) when it is imported and when a kernel is defined,
+so tests set the variable before either happens.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+_BUILT: list = []
+
+
+def build() -> SimpleNamespace:
+    """The jitted kernels and the ``triton`` module, defined once per process."""
+    if _BUILT:
+        return _BUILT[0]
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, H, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = offs < H
+        x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / H + eps)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + offs, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def rope_qkv_cache_kernel(y_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, col_ptr, k_ptr, v_ptr,
+                              stride_y, stride_t, stride_cb, stride_ch, stride_cl,
+                              N_Q: tl.constexpr, N_KV: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        d = tl.arange(0, HALF)
+        src = y_ptr + b * stride_y + h * (2 * HALF)
+        x1 = tl.load(src + d)
+        x2 = tl.load(src + HALF + d)
+        if HAS_BIAS:  # the projection's bias, rounded in as torch's ``y + b`` rounds
+            x1 = (x1.to(tl.float32) + tl.load(bias_ptr + h * (2 * HALF) + d).to(tl.float32)).to(x1.dtype)
+            x2 = (x2.to(tl.float32) + tl.load(bias_ptr + h * (2 * HALF) + HALF + d).to(tl.float32)).to(x2.dtype)
+        col = tl.load(col_ptr)
+        if h < N_Q + N_KV:
+            p = tl.load(pos_ptr + b)
+            c1 = tl.load(cos_ptr + p * stride_t + d).to(tl.float32)
+            c2 = tl.load(cos_ptr + p * stride_t + HALF + d).to(tl.float32)
+            s1 = tl.load(sin_ptr + p * stride_t + d).to(tl.float32)
+            s2 = tl.load(sin_ptr + p * stride_t + HALF + d).to(tl.float32)
+            f1 = x1.to(tl.float32)
+            f2 = x2.to(tl.float32)
+            # round(x * cos) first, as the torch path's separate multiply does
+            o1 = (f1 * c1).to(x1.dtype).to(tl.float32) + f2 * s1
+            o2 = (f2 * c2).to(x1.dtype).to(tl.float32) + f1 * s2
+            if h < N_Q:
+                tl.store(src + d, o1.to(x1.dtype))
+                tl.store(src + HALF + d, o2.to(x1.dtype))
+            else:
+                dst = k_ptr + b * stride_cb + (h - N_Q) * stride_ch + col * stride_cl
+                tl.store(dst + d, o1.to(k_ptr.dtype.element_ty))
+                tl.store(dst + HALF + d, o2.to(k_ptr.dtype.element_ty))
+        else:
+            dst = v_ptr + b * stride_cb + (h - N_Q - N_KV) * stride_ch + col * stride_cl
+            tl.store(dst + d, x1.to(v_ptr.dtype.element_ty))
+            tl.store(dst + HALF + d, x2.to(v_ptr.dtype.element_ty))
+
+    @triton.jit
+    def silu_mul_kernel(g_ptr, u_ptr, out_ptr, stride_g, stride_u, stride_out, N, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < N
+        g = tl.load(g_ptr + row * stride_g + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + row * stride_u + offs, mask=m, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + offs, (s * u).to(out_ptr.dtype.element_ty), mask=m)
+
+
+    @triton.jit
+    def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, col_ptr, o_ptr,
+                                stride_qb, stride_cb, stride_ch, stride_cl, stride_bias, stride_ob, scale,
+                                L: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                                FP32_DOT: tl.constexpr):
+        # one program per (row, KV head): its G query heads against the filled cache columns
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D)
+        gm = g < G
+        q = tl.load(q_ptr + b * stride_qb + (h * G + g)[:, None] * D + d[None, :], mask=gm[:, None], other=0.0)
+        if FP32_DOT:  # fp32 models, and the interpreter (its bf16 dot products are wrong): fp32 products
+            q = q.to(tl.float32)
+        n_cols = tl.load(col_ptr) + 1  # columns past the one written this step are empty: masked, not read
+        m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
+        l_i = tl.zeros((G_PAD,), tl.float32)
+        acc = tl.zeros((G_PAD, D), tl.float32)
+        kv = b * stride_cb + h * stride_ch
+        for start in range(0, L, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            nm = n < n_cols
+            k = tl.load(k_ptr + kv + n[:, None] * stride_cl + d[None, :], mask=nm[:, None], other=0.0)
+            if FP32_DOT:
+                k = k.to(tl.float32)
+            if FP32_DOT:  # fp32 operands: full precision, not Triton's default tf32
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale
+            bias = tl.load(bias_ptr + b * stride_bias + n, mask=nm, other=0.0).to(tl.float32)
+            s = tl.where(nm[None, :], s + bias[None, :], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + kv + n[:, None] * stride_cl + d[None, :], mask=nm[:, None], other=0.0)
+            if FP32_DOT:
+                v = v.to(tl.float32)
+            if FP32_DOT:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b * stride_ob + (h * G + g)[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=gm[:, None])
+
+    @triton.jit
+    def sample_partials_kernel(logits_ptr, u_ptr, stop_ptr, step_ptr, m_ptr, s_ptr, key_ptr, idx_ptr,
+                               stride_l, stride_u, V, inv_t, min_new, N_STOP: tl.constexpr, CHUNKS: tl.constexpr,
+                               CHUNK: tl.constexpr, BLOCK: tl.constexpr, LSE_SUPPRESSED: tl.constexpr):
+        # one program per (row, chunk of the vocabulary): the chunk's running max and sum of exp (for the
+        # log-normalizer) and its best exponential-race key with that key's index
+        row = tl.program_id(0)
+        c = tl.program_id(1)
+        suppress = tl.load(step_ptr) < min_new
+        m_run = tl.full((BLOCK,), float("-inf"), tl.float32)
+        s_run = tl.zeros((BLOCK,), tl.float32)
+        best = tl.full((BLOCK,), float("-inf"), tl.float32)
+        best_i = tl.zeros((BLOCK,), tl.int32)
+        for off in range(0, CHUNK, BLOCK):
+            idx = c * CHUNK + off + tl.arange(0, BLOCK)
+            msk = idx < V
+            x = tl.load(logits_ptr + row * stride_l + idx, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+            xs = x
+            for j in tl.static_range(N_STOP):
+                xs = tl.where(suppress & (idx == tl.load(stop_ptr + j)), float("-inf"), xs)
+            if LSE_SUPPRESSED:
+                xl = xs
+            else:
+                xl = x
+            m_new = tl.maximum(m_run, xl)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_run = s_run * tl.exp(m_run - safe) + tl.exp(xl - safe)
+            m_run = m_new
+            u = tl.load(u_ptr + row * stride_u + idx, mask=msk, other=0.5)
+            key = tl.where(msk, xs - tl.log(-tl.log(u)), float("-inf"))
+            better = key > best
+            best = tl.where(better, key, best)
+            best_i = tl.where(better, idx, best_i)
+        m = tl.max(m_run, 0)
+        safe_m = tl.where(m == float("-inf"), 0.0, m)
+        out = row * CHUNKS + c
+        tl.store(m_ptr + out, m)
+        tl.store(s_ptr + out, tl.sum(s_run * tl.exp(m_run - safe_m), 0))
+        k = tl.max(best, 0)
+        tl.store(key_ptr + out, k)
+        tl.store(idx_ptr + out, tl.min(tl.where(best == k, best_i, 2147483647), 0))
+
+    @triton.jit
+    def sample_combine_kernel(logits_ptr, m_ptr, s_ptr, key_ptr, idx_ptr, tok_ptr, lp_ptr, stride_l, inv_t,
+                              CHUNKS: tl.constexpr, C_PAD: tl.constexpr):
+        row = tl.program_id(0)
+        c = tl.arange(0, C_PAD)
+        cm = c < CHUNKS
+        m = tl.load(m_ptr + row * CHUNKS + c, mask=cm, other=float("-inf"))
+        s = tl.load(s_ptr + row * CHUNKS + c, mask=cm, other=0.0)
+        key = tl.load(key_ptr + row * CHUNKS + c, mask=cm, other=float("-inf"))
+        idx = tl.load(idx_ptr + row * CHUNKS + c, mask=cm, other=2147483647)
+        mm = tl.max(m, 0)
+        lse = mm + tl.log(tl.sum(tl.where(cm, s * tl.exp(m - mm), 0.0), 0))
+        kmax = tl.max(key, 0)
+        tok = tl.min(tl.where(key == kmax, idx, 2147483647), 0)
+        x_tok = tl.load(logits_ptr + row * stride_l + tok).to(tl.float32) * inv_t
+        tl.store(tok_ptr + row, tok.to(tl.int64))
+        tl.store(lp_ptr + row, x_tok - lse)
+
+    _BUILT.append(SimpleNamespace(triton=triton, rms_norm=rms_norm_kernel, rope_qkv_cache=rope_qkv_cache_kernel,
+                                  silu_mul=silu_mul_kernel, decode_attention=decode_attention_kernel,
+                                  sample_partials=sample_partials_kernel, sample_combine=sample_combine_kernel))
+    return _BUILT[0]
