@@ -227,7 +227,11 @@ def test_auto_falls_back_to_the_torch_ops_with_a_warning_when_the_kernels_do_not
     """kernels="auto" asks decode_kernels.self_test; a failure there is a warning and the torch glue."""
     import rlhf_lit.rollout.cuda_graph as cg
 
+    monkeypatch.setattr(dk, "_SELF_TEST", {})
+    rng = torch.random.get_rng_state()
     assert dk.self_test(torch.device("cpu")) is None  # they do run here, through the interpreter
+    # and it drew no random numbers: a seeded run that follows it samples what it would have
+    assert torch.equal(torch.random.get_rng_state(), rng)
     monkeypatch.setattr(cg.decode_kernels, "self_test", lambda dev: "CompilationError: no sm_42 backend")
     monkeypatch.setattr(cg, "_GLUE_WARNED", set())
     with caplog.at_level("WARNING", logger="rlhf_lit.rollout.cuda_graph"):
