@@ -318,8 +318,12 @@ def main():
         ap.error(f"--gate-up-rows {args.gate_up_rows}: expected comma-separated integers >= 0")
     try:
         profile_batches = [int(x) for x in args.profile_batches.split(",")] if args.profile_batches else []
+        batch_list = [int(b) for b in args.batches.split(",")]
     except ValueError:
-        ap.error(f"--profile-batches {args.profile_batches}: expected comma-separated batch sizes")
+        ap.error(f"--batches {args.batches} / --profile-batches {args.profile_batches}: expected comma-separated "
+                 "batch sizes")
+    if any(b < 1 for b in profile_batches + batch_list):
+        ap.error("--batches and --profile-batches: batch sizes must be >= 1")
     if profile_batches and not args.profile:
         ap.error("--profile-batches needs --profile (where the kernel tables go)")
     from rlhf_lit.rollout import decode_kernels

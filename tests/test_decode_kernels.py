@@ -156,50 +156,91 @@ def _attention_args(**over):
 
 
 @pytest.mark.parametrize("call,says", [
-    (lambda: dk.rms_norm(torch.randn(4, 8).t(), torch.ones(4), 1e-6), "x must be a 2-D tensor with contiguous rows"),
-    (lambda: dk.rms_norm(torch.randn(4, 64), torch.ones(128)[::2], 1e-6), "weight must be a contiguous \\(64,\\)"),
-    (lambda: dk.rms_norm(torch.randn(4, 64), torch.ones(32), 1e-6), "weight must be a contiguous \\(64,\\)"),
+    (lambda: dk.rms_norm(torch.randn(4, 8).t(), torch.ones(4), 1e-6), "x must be a 2-D floating-point tensor with contiguous, non-overlapping rows"),
+    (lambda: dk.rms_norm(torch.randn(4, 64), torch.ones(128)[::2], 1e-6), "weight must be a contiguous floating-point \\(64,\\)"),
+    (lambda: dk.rms_norm(torch.randn(4, 64), torch.ones(32), 1e-6), "weight must be a contiguous floating-point \\(64,\\)"),
     (lambda: dk.rms_norm(torch.randn(4, 64), torch.ones(64), None), "eps must be a finite number >= 0, got None"),
     (lambda: dk.silu_mul(torch.randn(4, 8), torch.randn(4, 9)), "gate .* and up .* differ"),
     (lambda: dk.silu_mul(torch.randn(4, 8), torch.randn(4, 8).double()), "gate .* and up .* differ"),
     (lambda: dk.rope_qkv_cache_write(**_rope_args(y=torch.randn(2, 100))), "y of width 100 must be"),
     (lambda: dk.rope_qkv_cache_write(**_rope_args(k_cache=torch.zeros(2, 2, 6, 16), v_cache=torch.zeros(2, 2, 6, 16))),
-     "k_cache must have shape \\(2, 1, 6, 16\\)"),
-    (lambda: dk.rope_qkv_cache_write(**_rope_args(k_cache=torch.zeros(1, 1, 6, 16))), "k_cache must have shape"),
-    (lambda: dk.rope_qkv_cache_write(**_rope_args(v_cache=torch.zeros(2, 1, 6, 32))), "v_cache must have shape"),
+     "k_cache must be a floating-point tensor of shape \\(2, 1, 6, 16\\)"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(k_cache=torch.zeros(1, 1, 6, 16))), "k_cache must be a floating-point tensor of shape"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(v_cache=torch.zeros(2, 1, 6, 32))), "v_cache must be a floating-point tensor of shape"),
     (lambda: dk.rope_qkv_cache_write(**_rope_args(cos=torch.randn(16), sin_signed=torch.randn(16))),
      "cos must be a \\(positions, head dim\\) table"),
     (lambda: dk.rope_qkv_cache_write(**_rope_args(cos=torch.randn(8, 32)[:, ::2], sin_signed=torch.randn(8, 32)[:, ::2])),
      "cos must be a \\(positions, head dim\\) table with a contiguous last dim"),
     (lambda: dk.rope_qkv_cache_write(**_rope_args(pos=torch.tensor([1, 8]))), "pos holds 1..8: .* must be in \\[0, 8\\)"),
-    (lambda: dk.rope_qkv_cache_write(**_rope_args(pos=torch.tensor([1.0, 2.0]))), "pos must be an int64 tensor of 2"),
-    (lambda: dk.rope_qkv_cache_write(**_rope_args(pos=torch.tensor([1]))), "pos must be an int64 tensor of 2"),
-    (lambda: dk.rope_qkv_cache_write(**_rope_args(col=3)), "col must be an int64 tensor of 1 element"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(pos=torch.tensor([1.0, 2.0]))), "pos must be a contiguous int64 tensor of 2"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(pos=torch.tensor([1]))), "pos must be a contiguous int64 tensor of 2"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(col=3)), "col must be a contiguous int64 tensor of 1 element"),
     (lambda: dk.rope_qkv_cache_write(**_rope_args(col=torch.tensor([6]))), "col holds 6..6: the cache column must be in"),
     (lambda: dk.rope_qkv_cache_write(**_rope_args(bias=torch.randn(192)[::2])), "bias must be a contiguous \\(96,\\)"),
     (lambda: dk.decode_attention(**_attention_args(col=torch.tensor([6]))), "col holds 6..6"),
-    (lambda: dk.decode_attention(**_attention_args(v_cache=torch.zeros(2, 1, 5, 16))), "v_cache must have shape"),
+    (lambda: dk.decode_attention(**_attention_args(v_cache=torch.zeros(2, 1, 5, 16))), "v_cache must be a floating-point tensor of shape"),
     (lambda: dk.decode_attention(**_attention_args(q=torch.randn(2, 64).double())), "q is torch.float64, the cache"),
     (lambda: dk.decode_attention(**_attention_args(q=torch.randn(2, 60))), "q of width 60 must be n_heads \\* D"),
     (lambda: dk.decode_attention(**_attention_args(bias=torch.zeros(2, 1, 1, 5))), "bias must have shape \\(2, 1, 1, 6\\)"),
     (lambda: dk.decode_attention(**_attention_args(k_cache=torch.zeros(2, 1, 6, 12), v_cache=torch.zeros(2, 1, 6, 12),
                                                    q=torch.randn(2, 48))), "D a power of two >= 16"),
     (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8), 0.0, torch.zeros(1).long(), 0, None, False),
-     "temperature must be a finite number > 0, got 0.0"),
+     "temperature must be a finite number in \\(0, 1e30\\], got 0.0"),
     (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8), float("inf"), torch.zeros(1).long(), 0, None, False),
-     "temperature must be a finite number > 0, got inf"),
+     "temperature must be a finite number in \\(0, 1e30\\], got inf"),
     (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8).double(), 1.0, torch.zeros(1).long(), 0, None, False),
      "u must be float32"),
     (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8), 1.0, 0, 0, None, False),
-     "step must be an int64 tensor of 1 element"),
+     "step must be a contiguous int64 tensor of 1 element"),
     (lambda: dk.sample_tokens(torch.randn(4, 0), torch.rand(4, 0), 1.0, torch.zeros(1).long(), 0, None, False),
      "at least one column"),
     (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8), 1.0, torch.zeros(1).long(), 2, torch.tensor([9]), False),
      "stop_ids holds 9..9: token ids must be in \\[0, 8\\)"),
+    # what a second trial found: strided index tensors (read as if contiguous), expanded caches,
+    # integer data, nonsense launch settings and counts
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(pos=torch.tensor([5]).expand(2))), "pos must be a contiguous int64"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(pos=torch.tensor([1, 10 ** 9, 2, 10 ** 9])[::2])),
+     "pos must be a contiguous int64"),
+    (lambda: dk.sample_tokens(torch.randn(2, 100), torch.rand(2, 100), 1.0, torch.zeros(1).long(), 5,
+                              torch.tensor([44, 99, 40, 99])[::2], False), "stop_ids must be a contiguous int64"),
+    (lambda: dk.sample_tokens(torch.randn(2, 100), torch.rand(2, 100), 1.0, torch.zeros(1).long(), 5, [1, 2], False),
+     "stop_ids must be an int64 tensor or None"),
+    (lambda: dk.sample_tokens(torch.randn(2, 100), torch.rand(2, 100), 1.0, torch.zeros(1).long(), 2.5, None, False),
+     "min_new_tokens must be an integer"),
+    (lambda: dk.sample_tokens(torch.randn(2, 100), torch.rand(2, 100), 1e46, torch.zeros(1).long(), 0, None, False),
+     "temperature must be a finite number in"),
+    (lambda: dk.sample_tokens(torch.ones(2, 100, dtype=torch.bool), torch.rand(2, 100), 1.0, torch.zeros(1).long(), 0,
+                              None, False), "logits must be a 2-D floating-point tensor"),
+    (lambda: dk.rms_norm(torch.ones(2, 8, dtype=torch.int64), torch.ones(8), 1e-6), "x must be a 2-D floating-point"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(k_cache=torch.zeros(1, 1, 6, 16).expand(2, 1, 6, 16))),
+     "k_cache must be a floating-point tensor .* not expanded"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(y=torch.randn(1, 96).expand(2, 96))),
+     "y must be a 2-D floating-point tensor with contiguous, non-overlapping rows"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(n_heads=-2, n_kv_heads=5)), "n_heads must be an integer >= 1"),
+    (lambda: dk.rope_qkv_cache_write(**_rope_args(n_heads=4.0)), "n_heads must be an integer >= 1"),
+    (lambda: dk.decode_attention(**_attention_args(scale=None)), "scale must be a number"),
+    (lambda: dk.decode_attention(**_attention_args(scale=float("nan"))), "scale must be finite"),
+    (lambda: dk.decode_attention(**_attention_args(), block_n=-64), "block_n must be an integer >= 16"),
+    (lambda: dk.decode_attention(**_attention_args(), block_n=48), "block_n must be a power of two"),
+    (lambda: dk.decode_attention(**_attention_args(), num_warps=3), "num_warps one of 1, 2, 4, 8, 16"),
+    (lambda: dk.decode_attention(**_attention_args(k_cache=torch.zeros(2, 0, 6, 16), v_cache=torch.zeros(2, 0, 6, 16))),
+     "q of width 64 must be n_heads"),
 ])
 def test_bad_inputs_are_named(call, says):
     with pytest.raises(ValueError, match=says):
         call()
+
+
+def test_empty_batches_return_empty_results():
+    assert dk.rms_norm(torch.randn(0, 8), torch.ones(8), 1e-6).shape == (0, 8)
+    assert dk.silu_mul(torch.randn(0, 8), torch.randn(0, 8)).shape == (0, 8)
+    assert dk.decode_attention(**_attention_args(q=torch.randn(0, 64), k_cache=torch.zeros(0, 1, 6, 16),
+                                                 v_cache=torch.zeros(0, 1, 6, 16), bias=torch.zeros(0, 1, 1, 6))).shape \
+        == (0, 64)
+    dk.rope_qkv_cache_write(**_rope_args(y=torch.randn(0, 96), pos=torch.zeros(0, dtype=torch.long),
+                                         k_cache=torch.zeros(0, 1, 6, 16), v_cache=torch.zeros(0, 1, 6, 16)))
+    tok, lp = dk.sample_tokens(torch.randn(0, 8), torch.rand(0, 8), 1.0, torch.zeros(1).long(), 0, None, False)
+    assert tok.shape == lp.shape == (0,)
 
 
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):

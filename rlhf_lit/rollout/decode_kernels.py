@@ -130,9 +130,27 @@ def self_test(device: torch.device) -> Optional[str]:
 # Input checks
 # ---------------------------------------------------------------------------------------------
 def _rows(x: Tensor, name: str) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 2 or x.stride(-1) != 1:
-        got = f"shape {tuple(x.shape)} strides {x.stride()}" if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a 2-D tensor with contiguous rows, got {got}")
+    """A 2-D floating-point tensor whose rows are contiguous and do not overlap."""
+    if not isinstance(x, Tensor) or x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1) \
+            or (x.shape[0] > 1 and x.stride(0) < x.shape[1]) or not x.is_floating_point():
+        got = f"{x.dtype} shape {tuple(x.shape)} strides {x.stride()}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a 2-D floating-point tensor with contiguous, non-overlapping rows, "
+                         f"got {got}")
+
+
+def _count(value, name: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _finite(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
 
 
 def _same_device(ref: Tensor, **tensors: Tensor) -> None:
@@ -144,10 +162,10 @@ def _same_device(ref: Tensor, **tensors: Tensor) -> None:
 def _index(t: Tensor, name: str, numel: int, upper: int, what: str) -> None:
     """``t``: an int64 tensor of ``numel`` elements with values in [0, upper) (checked on the host
     unless a CUDA graph is being captured)."""
-    if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.numel() != numel:
-        got = f"{t.dtype} of {t.numel()} elements" if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be an int64 tensor of {numel} element(s) ({what}), got {got}")
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+    if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.numel() != numel or not t.is_contiguous():
+        got = f"{t.dtype} of {t.numel()} elements, strides {t.stride()}" if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a contiguous int64 tensor of {numel} element(s) ({what}), got {got}")
+    if numel == 0 or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= upper:
@@ -156,10 +174,11 @@ def _index(t: Tensor, name: str, numel: int, upper: int, what: str) -> None:
 
 def _cache(k_cache: Tensor, v_cache: Tensor, shape: tuple) -> None:
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(c, Tensor) or tuple(c.shape) != shape or c.stride(-1) != 1:
-            got = f"shape {tuple(c.shape)} strides {c.stride()}" if isinstance(c, Tensor) else type(c).__name__
-            raise ValueError(f"{name} must have shape {shape} (batch, KV heads, columns, head dim) with a "
-                             f"contiguous last dim, got {got}")
+        if not isinstance(c, Tensor) or tuple(c.shape) != shape or c.stride(-1) != 1 \
+                or any(st == 0 and n > 1 for st, n in zip(c.stride(), c.shape)) or not c.is_floating_point():
+            got = f"{c.dtype} shape {tuple(c.shape)} strides {c.stride()}" if isinstance(c, Tensor) else type(c).__name__
+            raise ValueError(f"{name} must be a floating-point tensor of shape {shape} (batch, KV heads, columns, "
+                             f"head dim), last dim contiguous, not expanded, got {got}")
     if k_cache.stride() != v_cache.stride() or k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache and v_cache must share strides and dtype, got {k_cache.stride()} "
                          f"{k_cache.dtype} and {v_cache.stride()} {v_cache.dtype}")
@@ -189,14 +208,17 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """
     _rows(x, "x")
     B, H = x.shape
-    if not isinstance(weight, Tensor) or tuple(weight.shape) != (H,) or weight.stride(0) != 1:
+    if not isinstance(weight, Tensor) or tuple(weight.shape) != (H,) or weight.stride(0) != 1 \
+            or not weight.is_floating_point():
         got = f"shape {tuple(weight.shape)} strides {weight.stride()}" if isinstance(weight, Tensor) else type(weight)
-        raise ValueError(f"weight must be a contiguous ({H},) tensor for x of {H} columns, got {got}")
+        raise ValueError(f"weight must be a contiguous floating-point ({H},) tensor for x of {H} columns, got {got}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     _same_device(x, weight=weight)
-    K = _kernels(x)
     out = x.new_empty(B, H)
+    if B == 0 or H == 0:
+        return out
+    K = _kernels(x)
     block = K.triton.next_power_of_2(H)
     K.rms_norm[(B,)](x, weight, out, x.stride(0), out.stride(0), H, float(eps), BLOCK=block,
                      num_warps=max(1, min(16, block // 256)))
@@ -230,6 +252,8 @@ def rope_qkv_cache_write(y: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor
     """
     _rows(y, "y")
     B, width = y.shape
+    _count(n_heads, "n_heads")
+    _count(n_kv_heads, "n_kv_heads")
     for name, t in (("cos", cos), ("sin_signed", sin_signed)):
         if not isinstance(t, Tensor) or t.dim() != 2 or t.stride(-1) != 1:
             raise ValueError(f"{name} must be a (positions, head dim) table with a contiguous last dim")
@@ -250,6 +274,8 @@ def rope_qkv_cache_write(y: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor
                  **({"bias": bias} if bias is not None else {}))
     _index(pos, "pos", B, T, "each row's position, a row of the cos/sin tables")
     _index(col, "col", 1, L, "the cache column")
+    if B == 0:
+        return
     kernel = _kernels(y).rope_qkv_cache
     kernel[(B, n_heads + 2 * n_kv_heads)](
         y, y if bias is None else bias, cos, sin_signed, pos, col, k_cache, v_cache,
@@ -275,9 +301,11 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gate {tuple(gate.shape)} {gate.dtype} and up {tuple(up.shape)} {up.dtype} differ")
     _same_device(gate, up=up)
-    K = _kernels(gate)
     B, N = gate.shape
     out = gate.new_empty(B, N)
+    if B == 0 or N == 0:
+        return out
+    K = _kernels(gate)
     block = 1024
     K.silu_mul[(B, K.triton.cdiv(N, block))](gate, up, out, gate.stride(0), up.stride(0), out.stride(0), N,
                                              BLOCK=block, num_warps=4)
@@ -319,7 +347,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, 
         raise ValueError("k_cache must be a (batch, KV heads, columns, head dim) tensor")
     B, nkv, L, D = k_cache.shape
     _cache(k_cache, v_cache, (q.shape[0], nkv, L, D))
-    if q.shape[1] % (nkv * D) or not _pow2(D) or D < 16:
+    if nkv < 1 or not _pow2(D) or D < 16 or q.shape[1] % (nkv * D) or q.shape[1] == 0:
         raise ValueError(f"q of width {q.shape[1]} must be n_heads * D for a cache of {nkv} KV heads of D={D} "
                          "(n_heads a multiple of the KV heads; D a power of two >= 16)")
     if q.dtype != k_cache.dtype:
@@ -329,13 +357,20 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, 
         raise ValueError(f"bias must have shape ({B}, 1, 1, {L}) with a contiguous last dim, got {got}")
     _same_device(q, k_cache=k_cache, v_cache=v_cache, bias=bias, col=col)
     _index(col, "col", 1, L, "the last filled cache column")
-    K = _kernels(q)
+    scale = _finite(scale, "scale")
+    if not _pow2(_count(block_n, "block_n", 16)) or num_warps not in (1, 2, 4, 8, 16) \
+            or not 1 <= _count(num_stages, "num_stages") <= 8:
+        raise ValueError(f"block_n must be a power of two >= 16, num_warps one of 1, 2, 4, 8, 16 and num_stages "
+                         f"in 1..8; got {block_n}, {num_warps!r}, {num_stages}")
     G = q.shape[1] // (nkv * D)
     out = q.new_empty(B, G * nkv * D)
+    if B == 0:
+        return out
+    K = _kernels(q)
     K.decode_attention[(B, nkv)](
         q, k_cache, v_cache, bias, col, out,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bias.stride(0), out.stride(0),
-        float(scale), L=L, G=G, G_PAD=max(16, K.triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
+        scale, L=L, G=G, G_PAD=max(16, K.triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
         FP32_DOT=q.device.type != "cuda" or q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -358,12 +393,12 @@ def sample_tokens(logits: Tensor, u: Tensor, temperature: float, step: Tensor, m
     logits and ``u``; the second combines each row's chunks.
 
     Args:
-        logits: ``(B, V)``, rows contiguous, any float dtype, ``V >= 1``.
+        logits: ``(B, V)``, rows contiguous, floating point, ``V >= 1``.
         u: ``(B, V)`` float32 uniforms in [0, 1), rows contiguous.
-        temperature: ``T``, finite and > 0.
+        temperature: ``T`` in (0, 1e30] (beyond, ``1 / T`` is 0 in fp32).
         step: ``(1,)`` int64, the decode step (compared with ``min_new_tokens`` on the device).
-        min_new_tokens: stop ids are suppressed while ``step`` is below it.
-        stop_ids: ``(S,)`` int64 token ids in [0, V), or ``None``.
+        min_new_tokens: an integer; stop ids are suppressed while ``step`` is below it.
+        stop_ids: ``(S,)`` contiguous int64 token ids in [0, V), or ``None``.
         lse_after_suppression: see above.
 
     Returns:
@@ -378,8 +413,12 @@ def sample_tokens(logits: Tensor, u: Tensor, temperature: float, step: Tensor, m
         raise ValueError(f"u must be float32 of the logits' shape {tuple(logits.shape)}, got {u.dtype} "
                          f"{tuple(u.shape)}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+            or not math.isfinite(temperature) or not 0 < temperature <= 1e30:
+        raise ValueError(f"temperature must be a finite number in (0, 1e30], got {temperature!r}")
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int):
+        raise ValueError(f"min_new_tokens must be an integer, got {min_new_tokens!r}")
+    if stop_ids is not None and not isinstance(stop_ids, Tensor):
+        raise ValueError(f"stop_ids must be an int64 tensor or None, got {type(stop_ids).__name__}")
     B, V = logits.shape
     if V < 1:
         raise ValueError("logits must have at least one column (the vocabulary)")
@@ -388,9 +427,11 @@ def sample_tokens(logits: Tensor, u: Tensor, temperature: float, step: Tensor, m
     n_stop = 0 if stop_ids is None or min_new_tokens <= 0 else int(stop_ids.numel())
     if n_stop:
         _index(stop_ids, "stop_ids", n_stop, V, "token ids")
+    dev = logits.device
+    if B == 0:
+        return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.float32, device=dev)
     K = _kernels(logits)
     chunks = K.triton.cdiv(V, SAMPLE_CHUNK)
-    dev = logits.device
     m = torch.empty(B, chunks, dtype=torch.float32, device=dev)
     s = torch.empty_like(m)
     key = torch.empty_like(m)
