@@ -662,6 +662,7 @@ def table(results: dict) -> str:
         cm += " / reward offloaded" if r.get("reward_offload") else ""
         cm += " / critic adapter" if r.get("critic") == "adapter" else ""
         cm += " / rollout LoRA merged" if r.get("rollout_lora_merged") else ""
+        cm += f" / activation budget {r['activation_memory_budget']}" if r.get("activation_memory_budget") else ""
         if not iters:
             err = str(r.get("error", "failed")).replace("|", "/").replace("\n", " ")[:160]
             rows.append(f"| {name} | {r.get('engine', '-')} | {cm} | failed | | | | | | "
