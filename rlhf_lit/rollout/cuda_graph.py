@@ -231,9 +231,10 @@ class _Group:
             p.a0, p.a1 = r_total, r_total + p.r
             r_total += p.r
             p.B = torch.empty(p.out_features, p.r, dtype=dtype, device=device)
-            if merged and (p.kind == "linear" and p.base.weight.dtype == dtype or _is_4bit(p.base)):
-                p.Wm = True  # placeholder: allocated below, as rows of one buffer
-        if merged and len(lora) > 1 and len(lora) == len(self.projs) and all(p.Wm is True for p in lora):
+        # the projections that decode from a merged copy (plain Linear in the activation dtype, or 4-bit)
+        to_merge = [p for p in lora if merged and (p.kind == "linear" and p.base.weight.dtype == dtype
+                                                    or _is_4bit(p.base))]
+        if len(to_merge) > 1 and len(to_merge) == len(self.projs):
             # The merged copies transposed and side by side, (in, sum of out), each projection's copy
             # a view of its columns: the same memory, and the projections run as one GEMM ``x @ Wt``
             # (gate and up: 0.92-0.94 of copy bandwidth at 1-64 rows on an H200, against 0.88-0.91
@@ -242,8 +243,8 @@ class _Group:
             off = 0
             for p in lora:
                 p.Wm, off = self.Wt_cat[:, off:off + p.out_features].t(), off + p.out_features
-        for p in lora:
-            if p.Wm is True:
+        else:
+            for p in to_merge:
                 p.Wm = torch.empty(p.out_features, p.in_features, dtype=dtype, device=device)
         self.A = torch.empty(r_total, in_f, dtype=dtype, device=device)
         self.side = [p for p in lora if p.lora_on_the_side]  # who still needs the A product
