@@ -3,7 +3,8 @@
 Each variant runs once per layer over 28 layers' own buffers (so weights-free inputs such as the KV
 cache are not served from L2 across repeats), captured in one CUDA graph and replayed; the figure is
 microseconds per layer. Batches 1, 64 and 512; cache of 192 columns with 128 filled (the middle of a
-64 + 128-token rollout). The attention kernel is also swept over its block and launch settings.
+64 + 128-token rollout). The attention kernel is also swept over its block and launch settings, and
+the fused ``rope_attention`` is timed against the RoPE kernel followed by the attention kernel.
 
     python benchmarks/decode_kernels.py --json out.json     # GPU, ~1 min
 """
@@ -83,6 +84,17 @@ def bench(batch: int, device: torch.device, dt=torch.bfloat16) -> dict:
           + ", ".join(f"{k.replace('block_n=', 'n').replace('num_warps=', 'w').replace('num_stages=', 's')} "
                       f"{v:.1f}" for k, v in sweep.items()), flush=True)
     out["attention_sweep"] = sweep
+    bn = 128 if batch <= 64 else 64  # the engine's choice
+
+    def two_kernels(L):
+        dk.rope_qkv_cache_write(L["y"], cos, sin, pos, col, L["k"], L["v"], NH, NKV, bias=L["qkv_b"])
+        return dk.decode_attention(q(L), L["k"], L["v"], bias, col, D ** -0.5, block_n=bn)
+    two = per_layer_us([lambda L=L: two_kernels(L) for L in layers], device)
+    one = per_layer_us([lambda L=L: dk.rope_attention(L["y"], cos, sin, pos, col, L["k"], L["v"], bias, D ** -0.5, NH,
+                                                      NKV, bias=L["qkv_b"], block_n=bn) for L in layers], device)
+    out["rope_attention"] = {"two_kernels_us": two, "fused_us": one, "block_n": bn}
+    print(f"batch {batch:4d} bias + rope + cache write + attention: two kernels {two:.1f} us, one kernel {one:.1f} us "
+          f"(block_n {bn})", flush=True)
     logits = rnd(batch, VOCAB)
     u = torch.rand(batch, VOCAB, device=device)
     step = torch.zeros(1, dtype=torch.long, device=device)

@@ -17,7 +17,8 @@ from rlhf_lit.rollout.cuda_graph import StaticCudaGraphGenerate
 from test_fast_rollout import PAD, left_padded, sampling, tiny_lm
 
 CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+# the kernels on CUDA are GPU tests (``-m gpu``); on the CPU they run through the interpreter
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])]
 
 
 def _tol(dtype, device):
@@ -114,6 +115,47 @@ def test_decode_attention_matches_sdpa_over_the_filled_columns(device, dtype, co
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("col,block_n", [(0, 64), (70, 128), (143, 64), (143, 16)])
+def test_rope_attention_is_the_rope_kernel_then_attention(device, dtype, with_bias, col, block_n):
+    """The fused kernel against the two it replaces: the same cache columns bit for bit, ``y`` left
+    as it was, and the attention output of the rotated queries (to the summation order) and of
+    SDPA over the filled columns; G = 5 query heads per KV head (padded to 16 in the kernel)."""
+    g = torch.Generator().manual_seed(col + block_n)
+    B, nH, nKV, D, T, L = 3, 10, 2, 32, 150, 144
+    y = torch.randn(B, (nH + 2 * nKV) * D, generator=g).to(device, dtype)
+    bias = torch.randn((nH + 2 * nKV) * D, generator=g).to(device, dtype) if with_bias else None
+    cos = torch.randn(T, D, generator=g).to(device, dtype)
+    sin = torch.randn(T, D, generator=g).to(device, dtype)
+    pos = torch.tensor([3, 149, col], device=device)
+    c = torch.tensor([col], device=device)
+    kc = torch.randn(B, nKV, L, D, generator=g).to(device, dtype)
+    vc = torch.randn(B, nKV, L, D, generator=g).to(device, dtype)
+    kc[:, :, col + 1:] = float("nan")  # past the written column: never read
+    vc[:, :, col + 1:] = float("nan")
+    neg = torch.finfo(dtype).min
+    mask = torch.full((B, 1, 1, L), neg, dtype=dtype, device=device)
+    mask[..., : col + 1] = 0.0
+    mask[1, ..., : col // 2] = neg  # a left-padded row
+    y0, kc2, vc2, y2 = y.clone(), kc.clone(), vc.clone(), y.clone()
+
+    out = dk.rope_attention(y, cos, sin, pos, c, kc, vc, mask, 0.3, nH, nKV, bias=bias, block_n=block_n)
+    dk.rope_qkv_cache_write(y2, cos, sin, pos, c, kc2, vc2, nH, nKV, bias=bias)
+    two = dk.decode_attention(y2[:, : nH * D], kc2, vc2, mask, c, 0.3, block_n=block_n)
+
+    assert torch.equal(y, y0)
+    assert torch.equal(kc.nan_to_num(7.0), kc2.nan_to_num(7.0)) and torch.equal(vc.nan_to_num(7.0), vc2.nan_to_num(7.0))
+    assert out.shape == (B, nH * D) and out.dtype == dtype
+    torch.testing.assert_close(out.double(), two.double(), **_tol(dtype, device))
+    keep = slice(0, col + 1)
+    ref = F.scaled_dot_product_attention(y2[:, : nH * D].double().reshape(B, nKV, nH // nKV, D),
+                                         kc2[:, :, keep].double(), vc2[:, :, keep].double(),
+                                         attn_mask=mask[..., keep].double(), scale=0.3)
+    torch.testing.assert_close(out.double(), ref.reshape(B, nH * D), **_tol(dtype, device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("min_new,after_suppression", [(0, False), (5, True), (5, False), (2, True)])
 def test_sample_tokens_draws_the_exponential_race_token_with_its_logprob(device, dtype, min_new, after_suppression):
     """The same uniforms give the token of ``sample_from_filtered`` (argmin p / log u); stop ids are
@@ -144,6 +186,16 @@ def _rope_args(**over):
     args = dict(y=torch.randn(2, 96), cos=torch.randn(8, 16), sin_signed=torch.randn(8, 16),
                 pos=torch.tensor([1, 7]), col=torch.tensor([3]), k_cache=torch.zeros(2, 1, 6, 16),
                 v_cache=torch.zeros(2, 1, 6, 16), n_heads=4, n_kv_heads=1)
+    args.update(over)
+    return args
+
+
+def _rope_attention_args(**over):
+    """Valid arguments of rope_attention (B=2, 4 query heads, 2 KV heads, D=32), with overrides."""
+    args = dict(y=torch.randn(2, 256), cos=torch.randn(8, 32), sin_signed=torch.randn(8, 32),
+                pos=torch.tensor([1, 7]), col=torch.tensor([3]), k_cache=torch.zeros(2, 2, 6, 32),
+                v_cache=torch.zeros(2, 2, 6, 32), attn_bias=torch.zeros(2, 1, 1, 6), scale=0.25, n_heads=4,
+                n_kv_heads=2)
     args.update(over)
     return args
 
@@ -225,6 +277,16 @@ def _attention_args(**over):
     (lambda: dk.decode_attention(**_attention_args(), num_warps=3), "num_warps one of 1, 2, 4, 8, 16"),
     (lambda: dk.decode_attention(**_attention_args(k_cache=torch.zeros(2, 0, 6, 16), v_cache=torch.zeros(2, 0, 6, 16))),
      "q of width 64 must be n_heads"),
+    (lambda: dk.rope_attention(**_rope_attention_args(n_heads=3, y=torch.randn(2, 224))), "n_heads \\(3\\) a multiple"),
+    (lambda: dk.rope_attention(**_rope_args(attn_bias=torch.zeros(2, 1, 1, 6), scale=0.25)), "needs D / 2 >= 16 \\(got 8\\)"),
+    (lambda: dk.rope_attention(**_rope_attention_args(k_cache=torch.zeros(2, 2, 6, 32).double(),
+                                                      v_cache=torch.zeros(2, 2, 6, 32).double())), "caches in y's dtype"),
+    (lambda: dk.rope_attention(**_rope_attention_args(attn_bias=torch.zeros(2, 1, 6))), "attn_bias must have shape \\(2, 1, 1, 6\\)"),
+    (lambda: dk.rope_attention(**_rope_attention_args(pos=torch.tensor([1, 8]))), "pos holds 1..8"),
+    (lambda: dk.rope_attention(**_rope_attention_args(col=torch.tensor([6]))), "col holds 6..6"),
+    (lambda: dk.rope_attention(**_rope_attention_args(block_n=48)), "block_n must be a power of two"),
+    (lambda: dk.rope_attention(**_rope_attention_args(scale=float("nan"))), "scale must be finite"),
+    (lambda: dk.rope_attention(**_rope_attention_args(y=torch.randn(2, 192))), "y of width 192 must be"),
 ])
 def test_bad_inputs_are_named(call, says):
     with pytest.raises(ValueError, match=says):
@@ -241,6 +303,9 @@ def test_empty_batches_return_empty_results():
                                          k_cache=torch.zeros(0, 1, 6, 16), v_cache=torch.zeros(0, 1, 6, 16)))
     tok, lp = dk.sample_tokens(torch.randn(0, 8), torch.rand(0, 8), 1.0, torch.zeros(1).long(), 0, None, False)
     assert tok.shape == lp.shape == (0,)
+    assert dk.rope_attention(**_rope_attention_args(y=torch.randn(0, 256), pos=torch.zeros(0, dtype=torch.long),
+                                                    k_cache=torch.zeros(0, 2, 6, 32), v_cache=torch.zeros(0, 2, 6, 32),
+                                                    attn_bias=torch.zeros(0, 1, 1, 6))).shape == (0, 128)
 
 
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
@@ -287,7 +352,7 @@ def _count_kernel_calls(monkeypatch) -> dict:
     import rlhf_lit.rollout.cuda_graph as cg
 
     calls = {}
-    for name in ("rms_norm", "rope_qkv_cache_write", "decode_attention", "silu_mul", "sample_tokens"):
+    for name in ("rms_norm", "rope_qkv_cache_write", "decode_attention", "rope_attention", "silu_mul", "sample_tokens"):
         real = getattr(dk, name)
         calls[name] = 0
 
@@ -299,11 +364,13 @@ def _count_kernel_calls(monkeypatch) -> dict:
     return calls
 
 
-@pytest.mark.parametrize("lora,gate_up_rows", [("fused", 0), ("merged", 0), ("merged", 8)])
-def test_engine_with_triton_kernels_decodes_what_the_torch_path_decodes(lora, gate_up_rows, monkeypatch):
+@pytest.mark.parametrize("lora,gate_up_rows,heads", [("fused", 0, 4), ("merged", 0, 4), ("merged", 8, 4),
+                                                     ("fused", 0, 2), ("merged", 8, 2)])
+def test_engine_with_triton_kernels_decodes_what_the_torch_path_decodes(lora, gate_up_rows, heads, monkeypatch):
     """fp32 on the CPU (interpreter): the same greedy tokens, log-probs to fp32 rounding; q/k/v
-    biases non-zero (the fused path adds them in the RoPE kernel)."""
-    model = tiny_lm("qwen2", seed=7, lora_b_std=0.1)
+    biases non-zero (the fused path adds them in the RoPE kernel). Head dim 16 runs the RoPE and
+    attention kernels one after the other; head dim 32, the fused ``rope_attention``."""
+    model = tiny_lm("qwen2", seed=7, lora_b_std=0.1, heads=heads, kv=heads // 2)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("proj.base_layer.bias"):
@@ -319,8 +386,10 @@ def test_engine_with_triton_kernels_decodes_what_the_torch_path_decodes(lora, ga
         if kernels == "torch":
             assert not any(calls.values())
     steps, layers = 13, 2  # decode steps after the prompt pass's token; tiny_lm's layers
-    assert calls == {"rms_norm": steps * (2 * layers + 1), "rope_qkv_cache_write": steps * layers,
-                     "decode_attention": steps * layers, "silu_mul": steps * layers, "sample_tokens": 0}
+    fused = heads == 2
+    assert calls == {"rms_norm": steps * (2 * layers + 1), "rope_qkv_cache_write": 0 if fused else steps * layers,
+                     "decode_attention": 0 if fused else steps * layers, "rope_attention": steps * layers if fused else 0,
+                     "silu_mul": steps * layers, "sample_tokens": 0}
     assert torch.equal(outs["torch"][0], outs["triton"][0])
     torch.testing.assert_close(outs["triton"][1], outs["torch"][1], atol=1e-5, rtol=0)
 
@@ -345,13 +414,14 @@ def test_engine_sampling_with_the_fused_sampler_draws_what_the_torch_path_draws(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype,lora,gate_up_rows", [(torch.float32, "fused", 0), (torch.bfloat16, "fused", 0),
-                                                     (torch.bfloat16, "merged", 4)])
-def test_graph_with_triton_kernels_on_gpu(dtype, lora, gate_up_rows):
+@pytest.mark.parametrize("dtype,lora,gate_up_rows,heads", [(torch.float32, "fused", 0, 4), (torch.bfloat16, "fused", 0, 4),
+                                                           (torch.bfloat16, "merged", 4, 4), (torch.float32, "fused", 0, 2),
+                                                           (torch.bfloat16, "merged", 4, 2)])
+def test_graph_with_triton_kernels_on_gpu(dtype, lora, gate_up_rows, heads):
     """The captured graph with the Triton kernels against the torch path's graph: the same greedy
     tokens in fp32; in bf16 the log-probs of the torch path's tokens within bf16 rounding, and the
-    kernels really ran (``auto`` picks them on CUDA)."""
-    model = tiny_lm("qwen2", seed=9, dtype=dtype, device="cuda", lora_b_std=0.1)
+    kernels really ran (``auto`` picks them on CUDA). Head dim 32 (``heads=2``) runs ``rope_attention``."""
+    model = tiny_lm("qwen2", seed=9, dtype=dtype, device="cuda", lora_b_std=0.1, heads=heads, kv=heads // 2)
     ids, mask = left_padded([5, 11, 8, 2], 11, 128, device="cuda", seed=3)
     torch_eng = StaticCudaGraphGenerate(greedy=True, compute_logprobs=True, lora=lora, kernels="torch")
     auto_eng = StaticCudaGraphGenerate(greedy=True, compute_logprobs=True, lora=lora, gate_up_rows=gate_up_rows)

@@ -815,49 +815,65 @@ class StaticCudaGraphGenerate(RolloutEngine):
         return x.view(B, P, -1)[:, -1]
 
     def _decode_step(self, plan: _Plan, st: _State, gen) -> None:
-        B = st.B
-        nH, nKV, D, G = plan.n_heads, plan.n_kv, plan.head_dim, plan.group
         st.bias.index_fill_(3, st.col, 0.0)
-        cos = st.cos.index_select(0, st.pos).unsqueeze(1)  # (B, 1, D)
-        sin = st.sin.index_select(0, st.pos).unsqueeze(1)
         x = plan.embed(st.cur_tok)  # (B, H), the residual stream, updated in place
         glue = self._fused_glue
+        D = plan.head_dim
+        rope_kernel = glue and D % 2 == 0 and decode_kernels._pow2(D // 2)
+        # 128 cache columns per attention loop step up to 64 rows, 64 beyond (benchmarks/decode_kernels.py)
+        block_n = 128 if st.B <= 64 else 64
         for i, L in enumerate(plan.layers):
             h = self._rms_step(x, L.ln1)
-            kc, vc = st.k[i], st.v[i]
-            if L.fqkv is not None and L.q_norm is None and glue and D % 2 == 0 and (D // 2) & (D // 2 - 1) == 0:
-                # one kernel: the bias, RoPE on q (in place) and k, and k and v into the cache
+            if L.fqkv is not None and L.q_norm is None and rope_kernel and D >= 32:
+                # one kernel: the q/k/v bias, RoPE, k and v into the cache, attention
                 y = L.fqkv(h, L.qkv.lora_a(h), with_bias=False)
-                decode_kernels.rope_qkv_cache_write(y, st.cos, st.sin, st.pos, st.col, kc, vc, nH, nKV, bias=L.fqkv.b)
-                q = y[:, : nH * D]
+                o = decode_kernels.rope_attention(y, st.cos, st.sin, st.pos, st.col, st.k[i], st.v[i], st.bias,
+                                                  plan.scale, plan.n_heads, plan.n_kv, bias=L.fqkv.b, block_n=block_n)
             else:
-                if L.fqkv is not None and L.q_norm is None:
-                    # q and k are adjacent columns of one GEMM output: one RoPE pass for both
-                    y = L.fqkv(h, L.qkv.lora_a(h))
-                    qk = self._rope(y[:, : (nH + nKV) * D].view(B, nH + nKV, D), cos, sin)
-                    q, k = qk[:, :nH], qk[:, nH:]
-                    v = y[:, (nH + nKV) * D:].view(B, nKV, 1, D)
-                else:
-                    q, k, v = self._qkv(L, h, L.qkv.lora_a(h))
-                    q, k, v = q.view(B, nH, D), k.view(B, nKV, D), v.view(B, nKV, 1, D)
-                    if L.q_norm is not None:
-                        q = self._rms(q, L.q_norm)
-                        k = self._rms(k, L.k_norm)
-                    q = self._rope(q, cos, sin)
-                    k = self._rope(k, cos, sin)
-                kc.index_copy_(2, st.col, k.unsqueeze(2))
-                vc.index_copy_(2, st.col, v)
-            if glue and D >= 16 and D & (D - 1) == 0:
-                o = decode_kernels.decode_attention(q.reshape(B, nH * D), kc, vc, st.bias, st.col, plan.scale)
-            else:
-                # G query heads share one KV head and one mask: treat them as G queries of that head
-                o = F.scaled_dot_product_attention(q.view(B, nKV, G, D), kc, vc, attn_mask=st.bias, scale=plan.scale)
-                o = o.reshape(B, nH * D)
+                o = self._attention_step(plan, st, i, L, h, rope_kernel, block_n)
             L.o.add_into(x, o, L.o_grp.lora_a(o))
             self._mlp(L, x, glue)
         h = self._rms_step(x, plan.final_norm)
         logits = plan.lm_head(h, plan.lm_grp.lora_a(h))
         self._sample_and_advance(st, logits, gen)
+
+    def _attention_step(self, plan: _Plan, st: _State, i: int, L, h: Tensor, rope_kernel: bool,
+                        block_n: int) -> Tensor:
+        """Layer ``i``'s q/k/v, RoPE, cache write and attention for one decode step, where
+        :func:`decode_kernels.rope_attention` does not apply (q/k norms, separate projections,
+        ``D / 2 < 16``, or the torch ops); returns the attention output ``(B, n_heads * D)``."""
+        B, nH, nKV, D = st.B, plan.n_heads, plan.n_kv, plan.head_dim
+        kc, vc = st.k[i], st.v[i]
+        if L.fqkv is not None and L.q_norm is None and rope_kernel:
+            # one kernel: the bias, RoPE on q (in place) and k, and k and v into the cache
+            y = L.fqkv(h, L.qkv.lora_a(h), with_bias=False)
+            decode_kernels.rope_qkv_cache_write(y, st.cos, st.sin, st.pos, st.col, kc, vc, nH, nKV, bias=L.fqkv.b)
+            q = y[:, : nH * D]
+        else:
+            cos = st.cos.index_select(0, st.pos).unsqueeze(1)  # (B, 1, D)
+            sin = st.sin.index_select(0, st.pos).unsqueeze(1)
+            if L.fqkv is not None and L.q_norm is None:
+                # q and k are adjacent columns of one GEMM output: one RoPE pass for both
+                y = L.fqkv(h, L.qkv.lora_a(h))
+                qk = self._rope(y[:, : (nH + nKV) * D].view(B, nH + nKV, D), cos, sin)
+                q, k = qk[:, :nH], qk[:, nH:]
+                v = y[:, (nH + nKV) * D:].view(B, nKV, 1, D)
+            else:
+                q, k, v = self._qkv(L, h, L.qkv.lora_a(h))
+                q, k, v = q.view(B, nH, D), k.view(B, nKV, D), v.view(B, nKV, 1, D)
+                if L.q_norm is not None:
+                    q = self._rms(q, L.q_norm)
+                    k = self._rms(k, L.k_norm)
+                q = self._rope(q, cos, sin)
+                k = self._rope(k, cos, sin)
+            kc.index_copy_(2, st.col, k.unsqueeze(2))
+            vc.index_copy_(2, st.col, v)
+        if self._fused_glue and D >= 16 and decode_kernels._pow2(D):
+            return decode_kernels.decode_attention(q.reshape(B, nH * D), kc, vc, st.bias, st.col, plan.scale,
+                                                   block_n=block_n)
+        # G query heads share one KV head and one mask: treat them as G queries of that head
+        o = F.scaled_dot_product_attention(q.view(B, nKV, plan.group, D), kc, vc, attn_mask=st.bias, scale=plan.scale)
+        return o.reshape(B, nH * D)
 
     def _sample_and_advance(self, st: _State, logits: Tensor, gen) -> None:
         s = self._sampling

@@ -1,5 +1,5 @@
 """The decode step's glue as Triton kernels: RMSNorm, bias + RoPE + KV-cache write, attention over
-the filled cache, SiLU-and-mul, and sampling.
+the filled cache (or those two as one kernel), SiLU-and-mul, and sampling.
 
 Why
 ---
@@ -29,6 +29,8 @@ log-probs therefore do not depend on which path ran, beyond float-contraction di
   negated, which is HF's ``rotate_half``. Then k and v are stored at one cache column.
 * :func:`decode_attention`: ``softmax(q k^T * scale + bias) v`` with an online softmax, as SDPA with
   an additive mask.
+* :func:`rope_attention`: the two above as one kernel (the rotated queries stay in registers), for
+  fused q/k/v projections without q/k norms.
 * :func:`silu_mul`: ``round(silu(g)) * u`` (SwiGLU, Shazeer 2020, "GLU Variants Improve
   Transformer"), as ``act(gate) * up`` computes it in two torch ops.
 * :func:`sample_tokens`: the exponential race written as a Gumbel-max over the same uniforms. The
@@ -118,7 +120,11 @@ def self_test(device: torch.device) -> Optional[str]:
             pos = torch.zeros(2, dtype=torch.long, device=device)
             col = torch.zeros(1, dtype=torch.long, device=device)
             rope_qkv_cache_write(y, table, table, pos, col, cache, cache.clone(), 2, 1)
-            decode_attention(y[:, :32], cache, cache, torch.zeros(2, 1, 1, 16, device=device, dtype=dt), col, 0.25)
+            mask = torch.zeros(2, 1, 1, 16, device=device, dtype=dt)
+            decode_attention(y[:, :32], cache, cache, mask, col, 0.25)
+            y32, table32 = ramp(2, 4 * 32), ramp(8, 32)
+            cache32 = torch.zeros(2, 1, 16, 32, device=device, dtype=dt)
+            rope_attention(y32, table32, table32, pos, col, cache32, cache32.clone(), mask, 0.25, 2, 1)
             sample_tokens(x, torch.full((2, 64), 0.5, device=device), 1.0, col, 0, None, False)
             _SELF_TEST[key] = None
         except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels here
@@ -188,6 +194,52 @@ def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
+def _mask(mask: Tensor, name: str, B: int, L: int) -> None:
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != (B, 1, 1, L) or mask.stride(-1) != 1:
+        got = f"shape {tuple(mask.shape)} strides {mask.stride()}" if isinstance(mask, Tensor) else type(mask)
+        raise ValueError(f"{name} must have shape ({B}, 1, 1, {L}) with a contiguous last dim, got {got}")
+
+
+def _attention_launch(scale, block_n, num_warps, num_stages) -> float:
+    """The attention kernels' scale (returned as a float) and launch settings, checked."""
+    scale = _finite(scale, "scale")
+    if not _pow2(_count(block_n, "block_n", 16)) or num_warps not in (1, 2, 4, 8, 16) \
+            or not 1 <= _count(num_stages, "num_stages") <= 8:
+        raise ValueError(f"block_n must be a power of two >= 16, num_warps one of 1, 2, 4, 8, 16 and num_stages "
+                         f"in 1..8; got {block_n}, {num_warps!r}, {num_stages}")
+    return scale
+
+
+def _rope_inputs(y, cos, sin_signed, pos, col, k_cache, v_cache, n_heads, n_kv_heads, bias) -> tuple[int, int]:
+    """The checks of :func:`rope_qkv_cache_write`'s inputs (also :func:`rope_attention`'s); returns
+    ``(B, D / 2)``."""
+    _rows(y, "y")
+    B, width = y.shape
+    _count(n_heads, "n_heads")
+    _count(n_kv_heads, "n_kv_heads")
+    for name, t in (("cos", cos), ("sin_signed", sin_signed)):
+        if not isinstance(t, Tensor) or t.dim() != 2 or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be a (positions, head dim) table with a contiguous last dim")
+    if cos.shape != sin_signed.shape or cos.stride() != sin_signed.stride():
+        raise ValueError(f"cos {tuple(cos.shape)} and sin_signed {tuple(sin_signed.shape)} must have one shape "
+                         "and strides")
+    T, D = cos.shape
+    half = D // 2
+    if D % 2 or not _pow2(half) or width != (n_heads + 2 * n_kv_heads) * D:
+        raise ValueError(f"y of width {width} must be (n_heads + 2 * n_kv_heads) * D = ({n_heads} + 2 * "
+                         f"{n_kv_heads}) * {D}, with D / 2 a power of two (D from the cos table)")
+    L = k_cache.shape[2] if isinstance(k_cache, Tensor) and k_cache.dim() == 4 else -1
+    _cache(k_cache, v_cache, (B, n_kv_heads, L, D))
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (width,) or bias.stride(0) != 1):
+        got = f"shape {tuple(bias.shape)} strides {bias.stride()}" if isinstance(bias, Tensor) else type(bias)
+        raise ValueError(f"bias must be a contiguous ({width},) tensor, got {got}")
+    _same_device(y, cos=cos, sin_signed=sin_signed, pos=pos, col=col, k_cache=k_cache, v_cache=v_cache,
+                 **({"bias": bias} if bias is not None else {}))
+    _index(pos, "pos", B, T, "each row's position, a row of the cos/sin tables")
+    _index(col, "col", 1, L, "the cache column")
+    return B, half
+
+
 # ---------------------------------------------------------------------------------------------
 # The kernels
 # ---------------------------------------------------------------------------------------------
@@ -250,30 +302,7 @@ def rope_qkv_cache_write(y: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor
         ValueError: any shape, stride, dtype or device above not as described, ``D / 2`` not a power
             of two, or ``pos`` / ``col`` out of range.
     """
-    _rows(y, "y")
-    B, width = y.shape
-    _count(n_heads, "n_heads")
-    _count(n_kv_heads, "n_kv_heads")
-    for name, t in (("cos", cos), ("sin_signed", sin_signed)):
-        if not isinstance(t, Tensor) or t.dim() != 2 or t.stride(-1) != 1:
-            raise ValueError(f"{name} must be a (positions, head dim) table with a contiguous last dim")
-    if cos.shape != sin_signed.shape or cos.stride() != sin_signed.stride():
-        raise ValueError(f"cos {tuple(cos.shape)} and sin_signed {tuple(sin_signed.shape)} must have one shape "
-                         "and strides")
-    T, D = cos.shape
-    half = D // 2
-    if D % 2 or not _pow2(half) or width != (n_heads + 2 * n_kv_heads) * D:
-        raise ValueError(f"y of width {width} must be (n_heads + 2 * n_kv_heads) * D = ({n_heads} + 2 * "
-                         f"{n_kv_heads}) * {D}, with D / 2 a power of two (D from the cos table)")
-    L = k_cache.shape[2] if isinstance(k_cache, Tensor) and k_cache.dim() == 4 else -1
-    _cache(k_cache, v_cache, (B, n_kv_heads, L, D))
-    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (width,) or bias.stride(0) != 1):
-        got = f"shape {tuple(bias.shape)} strides {bias.stride()}" if isinstance(bias, Tensor) else type(bias)
-        raise ValueError(f"bias must be a contiguous ({width},) tensor, got {got}")
-    _same_device(y, cos=cos, sin_signed=sin_signed, pos=pos, col=col, k_cache=k_cache, v_cache=v_cache,
-                 **({"bias": bias} if bias is not None else {}))
-    _index(pos, "pos", B, T, "each row's position, a row of the cos/sin tables")
-    _index(col, "col", 1, L, "the cache column")
+    B, half = _rope_inputs(y, cos, sin_signed, pos, col, k_cache, v_cache, n_heads, n_kv_heads, bias)
     if B == 0:
         return
     kernel = _kernels(y).rope_qkv_cache
@@ -331,8 +360,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, 
         col: ``(1,)`` int64, the last filled column, in [0, L).
         scale: multiplies ``q k^T``.
         block_n, num_warps, num_stages: cache columns per loop step, warps per program and software
-            pipelining depth (the defaults were the best of 18 settings on an H200 at 64 and 512 rows,
-            ``benchmarks/decode_kernels.py``).
+            pipelining depth (on an H200, ``benchmarks/decode_kernels.py``: 4 warps and 2 stages were
+            best of 18 settings; 64 columns at 512 rows, 128 at 1 and 64 rows, which the engine uses).
 
     Returns:
         ``(B, n_heads * D)`` in ``q``'s dtype; the ``G = n_heads / n_kv_heads`` query heads of KV head
@@ -352,16 +381,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, 
                          "(n_heads a multiple of the KV heads; D a power of two >= 16)")
     if q.dtype != k_cache.dtype:
         raise ValueError(f"q is {q.dtype}, the cache {k_cache.dtype}: they must match")
-    if not isinstance(bias, Tensor) or tuple(bias.shape) != (B, 1, 1, L) or bias.stride(-1) != 1:
-        got = f"shape {tuple(bias.shape)} strides {bias.stride()}" if isinstance(bias, Tensor) else type(bias)
-        raise ValueError(f"bias must have shape ({B}, 1, 1, {L}) with a contiguous last dim, got {got}")
+    _mask(bias, "bias", B, L)
     _same_device(q, k_cache=k_cache, v_cache=v_cache, bias=bias, col=col)
     _index(col, "col", 1, L, "the last filled cache column")
-    scale = _finite(scale, "scale")
-    if not _pow2(_count(block_n, "block_n", 16)) or num_warps not in (1, 2, 4, 8, 16) \
-            or not 1 <= _count(num_stages, "num_stages") <= 8:
-        raise ValueError(f"block_n must be a power of two >= 16, num_warps one of 1, 2, 4, 8, 16 and num_stages "
-                         f"in 1..8; got {block_n}, {num_warps!r}, {num_stages}")
+    scale = _attention_launch(scale, block_n, num_warps, num_stages)
     G = q.shape[1] // (nkv * D)
     out = q.new_empty(B, G * nkv * D)
     if B == 0:
@@ -371,7 +394,59 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, 
         q, k_cache, v_cache, bias, col, out,
         q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bias.stride(0), out.stride(0),
         scale, L=L, G=G, G_PAD=max(16, K.triton.next_power_of_2(G)), D=D, BLOCK_N=block_n,
-        FP32_DOT=q.device.type != "cuda" or q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        FP32_DOT=q.device.type != "cuda" or q.dtype == torch.float32, DYNAMIC=q.device.type == "cuda",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def rope_attention(y: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor, col: Tensor, k_cache: Tensor,
+                   v_cache: Tensor, attn_bias: Tensor, scale: float, n_heads: int, n_kv_heads: int,
+                   bias: Optional[Tensor] = None, block_n: int = 64, num_warps: int = 4,
+                   num_stages: int = 2) -> Tensor:
+    """:func:`rope_qkv_cache_write` and :func:`decode_attention` as one kernel: one launch, and the
+    rotated queries stay in registers instead of going back to ``y``.
+
+    Each program (one row, one KV head) adds the bias to its query heads, key head and value head,
+    rotates the queries and the key (RoPE, the same roundings), stores the key and value at column
+    ``col`` of the caches, then attends over columns ``0 .. col`` with an online softmax. The
+    results equal the two kernels' up to the fp32 summation order of ``q k^T`` (computed as the sum
+    of the two RoPE halves' products).
+
+    Args:
+        y, cos, sin_signed, pos, col, k_cache, v_cache, n_heads, n_kv_heads, bias: as for
+            :func:`rope_qkv_cache_write` (``y`` is read, not written); ``D / 2 >= 16`` and the caches
+            in ``y``'s dtype.
+        attn_bias: ``(B, 1, 1, L)`` additive mask, as ``bias`` of :func:`decode_attention`.
+        scale, block_n, num_warps, num_stages: as for :func:`decode_attention`.
+
+    Returns:
+        ``(B, n_heads * D)`` in ``y``'s dtype, :func:`decode_attention`'s layout.
+
+    Raises:
+        ValueError: any input not as the two functions describe, ``D / 2 < 16``, or the caches'
+            dtype not ``y``'s.
+    """
+    B, half = _rope_inputs(y, cos, sin_signed, pos, col, k_cache, v_cache, n_heads, n_kv_heads, bias)
+    if half < 16 or n_heads % n_kv_heads or k_cache.dtype != y.dtype:
+        raise ValueError(f"rope_attention needs D / 2 >= 16 (got {half}), n_heads ({n_heads}) a multiple of "
+                         f"n_kv_heads ({n_kv_heads}) and caches in y's dtype ({k_cache.dtype} vs {y.dtype})")
+    L = k_cache.shape[2]
+    _mask(attn_bias, "attn_bias", B, L)
+    _same_device(y, attn_bias=attn_bias)
+    scale = _attention_launch(scale, block_n, num_warps, num_stages)
+    G = n_heads // n_kv_heads
+    out = y.new_empty(B, n_heads * 2 * half)
+    if B == 0:
+        return out
+    K = _kernels(y)
+    K.rope_attention[(B, n_kv_heads)](
+        y, y if bias is None else bias, cos, sin_signed, pos, col, k_cache, v_cache, attn_bias, out,
+        y.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), attn_bias.stride(0),
+        out.stride(0), scale, L=L, G=G, G_PAD=max(16, K.triton.next_power_of_2(G)), N_Q=n_heads, N_KV=n_kv_heads,
+        HALF=half, BLOCK_N=block_n, HAS_BIAS=bias is not None,
+        FP32_DOT=y.device.type != "cuda" or y.dtype == torch.float32, DYNAMIC=y.device.type == "cuda",
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -82,7 +82,7 @@ def build() -> SimpleNamespace:
     def decode_attention_kernel(q_ptr, k_ptr, v_ptr, bias_ptr, col_ptr, o_ptr,
                                 stride_qb, stride_cb, stride_ch, stride_cl, stride_bias, stride_ob, scale,
                                 L: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                                FP32_DOT: tl.constexpr):
+                                FP32_DOT: tl.constexpr, DYNAMIC: tl.constexpr):
         # one program per (row, KV head): its G query heads against the filled cache columns
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -97,7 +97,9 @@ def build() -> SimpleNamespace:
         l_i = tl.zeros((G_PAD,), tl.float32)
         acc = tl.zeros((G_PAD, D), tl.float32)
         kv = b * stride_cb + h * stride_ch
-        for start in range(0, L, BLOCK_N):
+        # DYNAMIC: stop after the filled columns. Else (the interpreter, which cannot loop to a loaded
+        # bound) the blocks past them are masked out whole, which changes nothing.
+        for start in range(0, n_cols if DYNAMIC else L, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             nm = n < n_cols
             k = tl.load(k_ptr + kv + n[:, None] * stride_cl + d[None, :], mask=nm[:, None], other=0.0)
@@ -124,6 +126,95 @@ def build() -> SimpleNamespace:
         out = acc / l_i[:, None]
         tl.store(o_ptr + b * stride_ob + (h * G + g)[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=gm[:, None])
+
+    @triton.jit
+    def rope_attention_kernel(y_ptr, bias_ptr, cos_ptr, sin_ptr, pos_ptr, col_ptr, k_ptr, v_ptr, mask_ptr, o_ptr,
+                              stride_y, stride_t, stride_cb, stride_ch, stride_cl, stride_mask, stride_ob, scale,
+                              L: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, N_Q: tl.constexpr,
+                              N_KV: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                              FP32_DOT: tl.constexpr, DYNAMIC: tl.constexpr):
+        # One program per (row, KV head): bias and RoPE on its G query heads (kept in registers) and
+        # its key head, the key and value stored at the cache column, then attention over the filled
+        # columns. Head vectors are handled as two halves, as RoPE pairs them.
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        g = tl.arange(0, G_PAD)
+        gm = g < G
+        d = tl.arange(0, HALF)
+        p = tl.load(pos_ptr + b)
+        c1 = tl.load(cos_ptr + p * stride_t + d).to(tl.float32)
+        c2 = tl.load(cos_ptr + p * stride_t + HALF + d).to(tl.float32)
+        s1 = tl.load(sin_ptr + p * stride_t + d).to(tl.float32)
+        s2 = tl.load(sin_ptr + p * stride_t + HALF + d).to(tl.float32)
+        row = y_ptr + b * stride_y
+        qh = (h * G + g)[:, None] * (2 * HALF)
+        x1 = tl.load(row + qh + d[None, :], mask=gm[:, None], other=0.0)
+        x2 = tl.load(row + qh + HALF + d[None, :], mask=gm[:, None], other=0.0)
+        kh = (N_Q + h) * (2 * HALF)
+        vh = (N_Q + N_KV + h) * (2 * HALF)
+        k1 = tl.load(row + kh + d)
+        k2 = tl.load(row + kh + HALF + d)
+        v1 = tl.load(row + vh + d)
+        v2 = tl.load(row + vh + HALF + d)
+        dt = x1.dtype
+        if HAS_BIAS:  # the projection's bias, rounded in as torch's ``y + b`` rounds
+            x1 = (x1.to(tl.float32) + tl.load(bias_ptr + qh + d[None, :], mask=gm[:, None], other=0.0).to(tl.float32)).to(dt)
+            x2 = (x2.to(tl.float32) + tl.load(bias_ptr + qh + HALF + d[None, :], mask=gm[:, None], other=0.0).to(tl.float32)).to(dt)
+            k1 = (k1.to(tl.float32) + tl.load(bias_ptr + kh + d).to(tl.float32)).to(dt)
+            k2 = (k2.to(tl.float32) + tl.load(bias_ptr + kh + HALF + d).to(tl.float32)).to(dt)
+            v1 = (v1.to(tl.float32) + tl.load(bias_ptr + vh + d).to(tl.float32)).to(dt)
+            v2 = (v2.to(tl.float32) + tl.load(bias_ptr + vh + HALF + d).to(tl.float32)).to(dt)
+        # RoPE, rounding x * cos first as the torch path's separate multiply does
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        q1 = ((f1 * c1[None, :]).to(dt).to(tl.float32) + f2 * s1[None, :]).to(k_ptr.dtype.element_ty)
+        q2 = ((f2 * c2[None, :]).to(dt).to(tl.float32) + f1 * s2[None, :]).to(k_ptr.dtype.element_ty)
+        e1 = k1.to(tl.float32)
+        e2 = k2.to(tl.float32)
+        col = tl.load(col_ptr)
+        kv = b * stride_cb + h * stride_ch
+        tl.store(k_ptr + kv + col * stride_cl + d, ((e1 * c1).to(dt).to(tl.float32) + e2 * s1).to(k_ptr.dtype.element_ty))
+        tl.store(k_ptr + kv + col * stride_cl + HALF + d,
+                 ((e2 * c2).to(dt).to(tl.float32) + e1 * s2).to(k_ptr.dtype.element_ty))
+        tl.store(v_ptr + kv + col * stride_cl + d, v1.to(v_ptr.dtype.element_ty))
+        tl.store(v_ptr + kv + col * stride_cl + HALF + d, v2.to(v_ptr.dtype.element_ty))
+        tl.debug_barrier()  # the column just stored is read back below by other threads of this program
+        if FP32_DOT:
+            q1 = q1.to(tl.float32)
+            q2 = q2.to(tl.float32)
+        n_cols = col + 1
+        m_i = tl.full((G_PAD,), float("-inf"), tl.float32)
+        l_i = tl.zeros((G_PAD,), tl.float32)
+        acc1 = tl.zeros((G_PAD, HALF), tl.float32)
+        acc2 = tl.zeros((G_PAD, HALF), tl.float32)
+        for start in range(0, n_cols if DYNAMIC else L, BLOCK_N):  # DYNAMIC: as in decode_attention
+            n = start + tl.arange(0, BLOCK_N)
+            nm = n < n_cols
+            ka = tl.load(k_ptr + kv + n[:, None] * stride_cl + d[None, :], mask=nm[:, None], other=0.0)
+            kb = tl.load(k_ptr + kv + n[:, None] * stride_cl + HALF + d[None, :], mask=nm[:, None], other=0.0)
+            if FP32_DOT:
+                s = (tl.dot(q1, tl.trans(ka.to(tl.float32)), input_precision="ieee")
+                     + tl.dot(q2, tl.trans(kb.to(tl.float32)), input_precision="ieee")) * scale
+            else:
+                s = (tl.dot(q1, tl.trans(ka)) + tl.dot(q2, tl.trans(kb))) * scale
+            bias = tl.load(mask_ptr + b * stride_mask + n, mask=nm, other=0.0).to(tl.float32)
+            s = tl.where(nm[None, :], s + bias[None, :], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            pr = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            va = tl.load(v_ptr + kv + n[:, None] * stride_cl + d[None, :], mask=nm[:, None], other=0.0)
+            vb = tl.load(v_ptr + kv + n[:, None] * stride_cl + HALF + d[None, :], mask=nm[:, None], other=0.0)
+            if FP32_DOT:
+                acc1 = acc1 * alpha[:, None] + tl.dot(pr, va.to(tl.float32), input_precision="ieee")
+                acc2 = acc2 * alpha[:, None] + tl.dot(pr, vb.to(tl.float32), input_precision="ieee")
+            else:
+                acc1 = acc1 * alpha[:, None] + tl.dot(pr.to(va.dtype), va)
+                acc2 = acc2 * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
+            m_i = m_new
+        out = o_ptr + b * stride_ob + (h * G + g)[:, None] * (2 * HALF) + d[None, :]
+        tl.store(out, (acc1 / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
+        tl.store(out + HALF, (acc2 / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
 
     @triton.jit
     def sample_partials_kernel(logits_ptr, u_ptr, stop_ptr, step_ptr, m_ptr, s_ptr, key_ptr, idx_ptr,
@@ -187,5 +278,6 @@ def build() -> SimpleNamespace:
 
     _BUILT.append(SimpleNamespace(triton=triton, rms_norm=rms_norm_kernel, rope_qkv_cache=rope_qkv_cache_kernel,
                                   silu_mul=silu_mul_kernel, decode_attention=decode_attention_kernel,
+                                  rope_attention=rope_attention_kernel,
                                   sample_partials=sample_partials_kernel, sample_combine=sample_combine_kernel))
     return _BUILT[0]
