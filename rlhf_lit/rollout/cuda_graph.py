@@ -508,9 +508,11 @@ class StaticCudaGraphGenerate(RolloutEngine):
             and its kernels pass :func:`~rlhf_lit.rollout.decode_kernels.self_test` there, else torch,
             with a warning). ``"triton"`` on the CPU needs ``TRITON_INTERPRET=1`` (tests). Where a
             kernel does not apply, that part runs as torch ops: RMSNorm needs the norm weight in the
-            activation dtype and ``norm="fused"``; the bias + RoPE + cache-write kernel needs fused
-            q/k/v, no q/k norms (so not Qwen3) and ``head_dim / 2`` a power of two; attention needs
-            ``head_dim`` a power of two >= 16; SiLU-and-mul an ``act_fn`` that is SiLU; the sampler
+            activation dtype and ``norm="fused"``; with fused q/k/v and no q/k norms (so not Qwen3),
+            bias + RoPE + cache write + attention are one kernel when ``head_dim / 2`` is a power of
+            two >= 16 (``decode_kernels.rope_attention``), two kernels when it is a smaller power of
+            two; otherwise attention alone needs ``head_dim`` a power of two >= 16
+            (:func:`~rlhf_lit.rollout.decode_kernels.head_dim_support`); SiLU-and-mul an ``act_fn`` that is SiLU; the sampler
             ``top_k=0``, ``top_p=1`` and sampling (not ``greedy``). The prompt pass always uses torch
             ops.
         gate_up_rows: with ``lora="merged"``, the MLP's gate and up run as one GEMM over their
@@ -817,42 +819,46 @@ class StaticCudaGraphGenerate(RolloutEngine):
     def _decode_step(self, plan: _Plan, st: _State, gen) -> None:
         st.bias.index_fill_(3, st.col, 0.0)
         x = plan.embed(st.cur_tok)  # (B, H), the residual stream, updated in place
-        glue = self._fused_glue
-        D = plan.head_dim
-        rope_kernel = glue and D % 2 == 0 and decode_kernels._pow2(D // 2)
-        # 128 cache columns per attention loop step up to 64 rows, 64 beyond (benchmarks/decode_kernels.py)
-        block_n = 128 if st.B <= 64 else 64
+        support = decode_kernels.head_dim_support(plan.head_dim) if self._fused_glue else None
+        # the RoPE tables at each row's position, for the layers whose RoPE runs as torch ops
+        rope_kernel = support is not None and support.rope
+        cos_sin = None
+        if any(not (rope_kernel and L.fqkv is not None and L.q_norm is None) for L in plan.layers):
+            cos_sin = (st.cos.index_select(0, st.pos).unsqueeze(1), st.sin.index_select(0, st.pos).unsqueeze(1))
         for i, L in enumerate(plan.layers):
             h = self._rms_step(x, L.ln1)
-            if L.fqkv is not None and L.q_norm is None and rope_kernel and D >= 32:
-                # one kernel: the q/k/v bias, RoPE, k and v into the cache, attention
-                y = L.fqkv(h, L.qkv.lora_a(h), with_bias=False)
-                o = decode_kernels.rope_attention(y, st.cos, st.sin, st.pos, st.col, st.k[i], st.v[i], st.bias,
-                                                  plan.scale, plan.n_heads, plan.n_kv, bias=L.fqkv.b, block_n=block_n)
-            else:
-                o = self._attention_step(plan, st, i, L, h, rope_kernel, block_n)
+            o = self._attention_step(plan, st, i, L, h, support, cos_sin)
             L.o.add_into(x, o, L.o_grp.lora_a(o))
-            self._mlp(L, x, glue)
+            self._mlp(L, x, self._fused_glue)
         h = self._rms_step(x, plan.final_norm)
         logits = plan.lm_head(h, plan.lm_grp.lora_a(h))
         self._sample_and_advance(st, logits, gen)
 
-    def _attention_step(self, plan: _Plan, st: _State, i: int, L, h: Tensor, rope_kernel: bool,
-                        block_n: int) -> Tensor:
-        """Layer ``i``'s q/k/v, RoPE, cache write and attention for one decode step, where
-        :func:`decode_kernels.rope_attention` does not apply (q/k norms, separate projections,
-        ``D / 2 < 16``, or the torch ops); returns the attention output ``(B, n_heads * D)``."""
+    def _attention_step(self, plan: _Plan, st: _State, i: int, L, h: Tensor, support, cos_sin) -> Tensor:
+        """Layer ``i``'s q/k/v, RoPE, cache write and attention for one decode step; returns the
+        attention output ``(B, n_heads * D)``.
+
+        With the Triton glue (``support``: :func:`decode_kernels.head_dim_support` of the head dim)
+        and fused q/k/v without q/k norms, one :func:`decode_kernels.rope_attention` kernel, or the
+        RoPE kernel then the attention kernel where ``D / 2 < 16``; otherwise torch ops for what the
+        kernels do not take (``cos_sin``: the RoPE tables at each row's position, ``(B, 1, D)`` each)."""
         B, nH, nKV, D = st.B, plan.n_heads, plan.n_kv, plan.head_dim
         kc, vc = st.k[i], st.v[i]
-        if L.fqkv is not None and L.q_norm is None and rope_kernel:
+        # 128 cache columns per attention loop step up to 64 rows, 64 beyond (benchmarks/decode_kernels.py)
+        block_n = 128 if B <= 64 else 64
+        fused_qkv = L.fqkv is not None and L.q_norm is None
+        if fused_qkv and support is not None and support.rope_attention:
+            y = L.fqkv(h, L.qkv.lora_a(h), with_bias=False)
+            return decode_kernels.rope_attention(y, st.cos, st.sin, st.pos, st.col, kc, vc, st.bias, plan.scale,
+                                                 nH, nKV, bias=L.fqkv.b, block_n=block_n)
+        if fused_qkv and support is not None and support.rope:
             # one kernel: the bias, RoPE on q (in place) and k, and k and v into the cache
             y = L.fqkv(h, L.qkv.lora_a(h), with_bias=False)
             decode_kernels.rope_qkv_cache_write(y, st.cos, st.sin, st.pos, st.col, kc, vc, nH, nKV, bias=L.fqkv.b)
             q = y[:, : nH * D]
         else:
-            cos = st.cos.index_select(0, st.pos).unsqueeze(1)  # (B, 1, D)
-            sin = st.sin.index_select(0, st.pos).unsqueeze(1)
-            if L.fqkv is not None and L.q_norm is None:
+            cos, sin = cos_sin
+            if fused_qkv:
                 # q and k are adjacent columns of one GEMM output: one RoPE pass for both
                 y = L.fqkv(h, L.qkv.lora_a(h))
                 qk = self._rope(y[:, : (nH + nKV) * D].view(B, nH + nKV, D), cos, sin)
@@ -868,7 +874,7 @@ class StaticCudaGraphGenerate(RolloutEngine):
                 k = self._rope(k, cos, sin)
             kc.index_copy_(2, st.col, k.unsqueeze(2))
             vc.index_copy_(2, st.col, v)
-        if self._fused_glue and D >= 16 and decode_kernels._pow2(D):
+        if support is not None and support.attention:
             return decode_kernels.decode_attention(q.reshape(B, nH * D), kc, vc, st.bias, st.col, plan.scale,
                                                    block_n=block_n)
         # G query heads share one KV head and one mask: treat them as G queries of that head

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -121,7 +121,7 @@ def self_test(device: torch.device) -> Optional[str]:
             col = torch.zeros(1, dtype=torch.long, device=device)
             rope_qkv_cache_write(y, table, table, pos, col, cache, cache.clone(), 2, 1)
             mask = torch.zeros(2, 1, 1, 16, device=device, dtype=dt)
-            decode_attention(y[:, :32], cache, cache, mask, col, 0.25)
+            decode_attention(y[:, :32], cache, cache.clone(), mask, col, 0.25)
             y32, table32 = ramp(2, 4 * 32), ramp(8, 32)
             cache32 = torch.zeros(2, 1, 16, 32, device=device, dtype=dt)
             rope_attention(y32, table32, table32, pos, col, cache32, cache32.clone(), mask, 0.25, 2, 1)
@@ -168,9 +168,10 @@ def _same_device(ref: Tensor, **tensors: Tensor) -> None:
 def _index(t: Tensor, name: str, numel: int, upper: int, what: str) -> None:
     """``t``: an int64 tensor of ``numel`` elements with values in [0, upper) (checked on the host
     unless a CUDA graph is being captured)."""
-    if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.numel() != numel or not t.is_contiguous():
+    if not isinstance(t, Tensor) or t.dtype != torch.int64 or t.dim() != 1 or t.numel() != numel \
+            or not t.is_contiguous():
         got = f"{t.dtype} of {t.numel()} elements, strides {t.stride()}" if isinstance(t, Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a contiguous int64 tensor of {numel} element(s) ({what}), got {got}")
+        raise ValueError(f"{name} must be a contiguous 1-D int64 tensor of {numel} element(s) ({what}), got {got}")
     if numel == 0 or (t.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
     lo, hi = int(t.min()), int(t.max())
@@ -188,25 +189,75 @@ def _cache(k_cache: Tensor, v_cache: Tensor, shape: tuple) -> None:
     if k_cache.stride() != v_cache.stride() or k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache and v_cache must share strides and dtype, got {k_cache.stride()} "
                          f"{k_cache.dtype} and {v_cache.stride()} {v_cache.dtype}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if _overlaps_itself(c):
+            raise ValueError(f"{name}'s elements overlap in memory (strides {c.stride()} for shape {tuple(c.shape)}): "
+                             "a cache column written for one row or head would change another")
+    if k_cache.numel() and _byte_range(k_cache)[0] < _byte_range(v_cache)[1] \
+            and _byte_range(v_cache)[0] < _byte_range(k_cache)[1] and k_cache.untyped_storage().data_ptr() \
+            == v_cache.untyped_storage().data_ptr():
+        raise ValueError("k_cache and v_cache share memory: each needs its own (writing k would change v)")
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    """The bytes of ``t``'s storage its elements span, ``[first, last + 1)``."""
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+    first = t.storage_offset() * t.element_size()
+    return first, first + (span + 1) * t.element_size()
+
+
+def _overlaps_itself(t: Tensor) -> bool:
+    """Two indices of ``t`` address one element (strides >= 0): checked dimension by dimension from
+    the smallest stride, each stride must step past everything the smaller ones reach."""
+    reach = 0
+    for n, st in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n > 1), key=lambda d: d[1]):
+        if st <= reach:
+            return True
+        reach += (n - 1) * st
+    return False
 
 
 def _pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
+class HeadDimSupport(NamedTuple):
+    """Which kernels take a head dim ``D`` (the engine runs torch ops for the others)."""
+
+    rope: bool  #: :func:`rope_qkv_cache_write`: ``D / 2`` a power of two
+    attention: bool  #: :func:`decode_attention`: ``D`` a power of two >= 16
+    rope_attention: bool  #: :func:`rope_attention`: ``D / 2`` a power of two >= 16
+
+
+def head_dim_support(head_dim: int) -> HeadDimSupport:
+    """The kernels that apply to heads of ``head_dim`` (tl.dot needs 16-wide operands; the
+    kernels' ``tl.arange`` spans a power of two)."""
+    half_ok = head_dim % 2 == 0 and _pow2(head_dim // 2)
+    return HeadDimSupport(rope=half_ok, attention=_pow2(head_dim) and head_dim >= 16,
+                          rope_attention=half_ok and head_dim >= 32)
+
+
 def _mask(mask: Tensor, name: str, B: int, L: int) -> None:
-    if not isinstance(mask, Tensor) or tuple(mask.shape) != (B, 1, 1, L) or mask.stride(-1) != 1:
-        got = f"shape {tuple(mask.shape)} strides {mask.stride()}" if isinstance(mask, Tensor) else type(mask)
-        raise ValueError(f"{name} must have shape ({B}, 1, 1, {L}) with a contiguous last dim, got {got}")
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != (B, 1, 1, L) or mask.stride(-1) != 1 \
+            or not mask.is_floating_point():
+        got = f"{mask.dtype} shape {tuple(mask.shape)} strides {mask.stride()}" if isinstance(mask, Tensor) \
+            else type(mask)
+        raise ValueError(f"{name} must be a floating-point additive mask (0 where attended, a large negative "
+                         f"where not; not SDPA's boolean keep-mask) of shape ({B}, 1, 1, {L}) with a contiguous "
+                         f"last dim, got {got}")
 
 
 def _attention_launch(scale, block_n, num_warps, num_stages) -> float:
     """The attention kernels' scale (returned as a float) and launch settings, checked."""
     scale = _finite(scale, "scale")
-    if not _pow2(_count(block_n, "block_n", 16)) or num_warps not in (1, 2, 4, 8, 16) \
-            or not 1 <= _count(num_stages, "num_stages") <= 8:
-        raise ValueError(f"block_n must be a power of two >= 16, num_warps one of 1, 2, 4, 8, 16 and num_stages "
-                         f"in 1..8; got {block_n}, {num_warps!r}, {num_stages}")
+    if abs(scale) > torch.finfo(torch.float32).max:
+        raise ValueError(f"scale {scale!r} is not a finite float32 (the kernels multiply in float32)")
+    if not _pow2(_count(block_n, "block_n", 16)) or block_n > 1024:
+        raise ValueError(f"block_n must be a power of two in 16..1024, got {block_n}")
+    if isinstance(num_warps, bool) or not isinstance(num_warps, int) or num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"num_warps must be one of 1, 2, 4, 8, 16, got {num_warps!r}")
+    if not 1 <= _count(num_stages, "num_stages") <= 8:
+        raise ValueError(f"num_stages must be an integer in 1..8, got {num_stages}")
     return scale
 
 
@@ -218,21 +269,23 @@ def _rope_inputs(y, cos, sin_signed, pos, col, k_cache, v_cache, n_heads, n_kv_h
     _count(n_heads, "n_heads")
     _count(n_kv_heads, "n_kv_heads")
     for name, t in (("cos", cos), ("sin_signed", sin_signed)):
-        if not isinstance(t, Tensor) or t.dim() != 2 or t.stride(-1) != 1:
-            raise ValueError(f"{name} must be a (positions, head dim) table with a contiguous last dim")
-    if cos.shape != sin_signed.shape or cos.stride() != sin_signed.stride():
-        raise ValueError(f"cos {tuple(cos.shape)} and sin_signed {tuple(sin_signed.shape)} must have one shape "
-                         "and strides")
+        if not isinstance(t, Tensor) or t.dim() != 2 or t.stride(-1) != 1 or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point (positions, head dim) table with a contiguous last dim")
+    if cos.shape != sin_signed.shape or cos.stride() != sin_signed.stride() or cos.dtype != sin_signed.dtype:
+        raise ValueError(f"cos ({cos.dtype} {tuple(cos.shape)}) and sin_signed ({sin_signed.dtype} "
+                         f"{tuple(sin_signed.shape)}) must have one dtype, shape and strides")
     T, D = cos.shape
     half = D // 2
-    if D % 2 or not _pow2(half) or width != (n_heads + 2 * n_kv_heads) * D:
+    if not head_dim_support(D).rope or width != (n_heads + 2 * n_kv_heads) * D:
         raise ValueError(f"y of width {width} must be (n_heads + 2 * n_kv_heads) * D = ({n_heads} + 2 * "
                          f"{n_kv_heads}) * {D}, with D / 2 a power of two (D from the cos table)")
     L = k_cache.shape[2] if isinstance(k_cache, Tensor) and k_cache.dim() == 4 else -1
     _cache(k_cache, v_cache, (B, n_kv_heads, L, D))
-    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (width,) or bias.stride(0) != 1):
-        got = f"shape {tuple(bias.shape)} strides {bias.stride()}" if isinstance(bias, Tensor) else type(bias)
-        raise ValueError(f"bias must be a contiguous ({width},) tensor, got {got}")
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != (width,) or bias.stride(0) != 1
+                             or not bias.is_floating_point()):
+        got = f"{bias.dtype} shape {tuple(bias.shape)} strides {bias.stride()}" if isinstance(bias, Tensor) \
+            else type(bias)
+        raise ValueError(f"bias must be a contiguous floating-point ({width},) tensor, got {got}")
     _same_device(y, cos=cos, sin_signed=sin_signed, pos=pos, col=col, k_cache=k_cache, v_cache=v_cache,
                  **({"bias": bias} if bias is not None else {}))
     _index(pos, "pos", B, T, "each row's position, a row of the cos/sin tables")
@@ -376,7 +429,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, bias: Tensor, 
         raise ValueError("k_cache must be a (batch, KV heads, columns, head dim) tensor")
     B, nkv, L, D = k_cache.shape
     _cache(k_cache, v_cache, (q.shape[0], nkv, L, D))
-    if nkv < 1 or not _pow2(D) or D < 16 or q.shape[1] % (nkv * D) or q.shape[1] == 0:
+    if nkv < 1 or not head_dim_support(D).attention or q.shape[1] % (nkv * D) or q.shape[1] == 0:
         raise ValueError(f"q of width {q.shape[1]} must be n_heads * D for a cache of {nkv} KV heads of D={D} "
                          "(n_heads a multiple of the KV heads; D a power of two >= 16)")
     if q.dtype != k_cache.dtype:
@@ -424,13 +477,17 @@ def rope_attention(y: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor, col:
         ``(B, n_heads * D)`` in ``y``'s dtype, :func:`decode_attention`'s layout.
 
     Raises:
-        ValueError: any input not as the two functions describe, ``D / 2 < 16``, or the caches'
-            dtype not ``y``'s.
+        ValueError: any input not as the two functions describe, ``D / 2 < 16``, ``n_heads`` not a
+            multiple of ``n_kv_heads``, or the caches' dtype not ``y``'s.
     """
     B, half = _rope_inputs(y, cos, sin_signed, pos, col, k_cache, v_cache, n_heads, n_kv_heads, bias)
-    if half < 16 or n_heads % n_kv_heads or k_cache.dtype != y.dtype:
-        raise ValueError(f"rope_attention needs D / 2 >= 16 (got {half}), n_heads ({n_heads}) a multiple of "
-                         f"n_kv_heads ({n_kv_heads}) and caches in y's dtype ({k_cache.dtype} vs {y.dtype})")
+    if not head_dim_support(2 * half).rope_attention:
+        raise ValueError(f"rope_attention needs D / 2 >= 16, got D = {2 * half} (use rope_qkv_cache_write and "
+                         "decode_attention)")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+    if k_cache.dtype != y.dtype:
+        raise ValueError(f"the caches ({k_cache.dtype}) must be in y's dtype ({y.dtype})")
     L = k_cache.shape[2]
     _mask(attn_bias, "attn_bias", B, L)
     _same_device(y, attn_bias=attn_bias)

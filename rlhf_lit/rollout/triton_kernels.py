@@ -20,6 +20,35 @@ def build() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
+    # helpers shared by the kernels below (inlined by Triton)
+    @triton.jit
+    def _biased(x, b):
+        # the projection's bias, rounded in as torch's ``y + b`` rounds
+        return (x.to(tl.float32) + b.to(tl.float32)).to(x.dtype)
+
+    @triton.jit
+    def _rope_pair(x1, x2, c1, c2, s1, s2):
+        # RoPE on the two halves, in fp32; ``round(x * cos)`` first, as the torch path's separate
+        # multiply rounds it
+        f1 = x1.to(tl.float32)
+        f2 = x2.to(tl.float32)
+        o1 = (f1 * c1).to(x1.dtype).to(tl.float32) + f2 * s1
+        o2 = (f2 * c2).to(x1.dtype).to(tl.float32) + f1 * s2
+        return o1, o2
+
+    @triton.jit
+    def _softmax_step(s, nm, bias, m_i, l_i):
+        # one block of an online softmax: scores s (queries, columns), nm the filled columns; returns
+        # the block's weights, the rescale of what came before, and the new running max and sum
+        s = tl.where(nm[None, :], s + bias[None, :], float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+    # Triton resolves a kernel's callees through the module's globals, not this closure
+    globals().update(_biased=_biased, _rope_pair=_rope_pair, _softmax_step=_softmax_step)
+
     @triton.jit
     def rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, H, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0)
@@ -40,9 +69,9 @@ def build() -> SimpleNamespace:
         src = y_ptr + b * stride_y + h * (2 * HALF)
         x1 = tl.load(src + d)
         x2 = tl.load(src + HALF + d)
-        if HAS_BIAS:  # the projection's bias, rounded in as torch's ``y + b`` rounds
-            x1 = (x1.to(tl.float32) + tl.load(bias_ptr + h * (2 * HALF) + d).to(tl.float32)).to(x1.dtype)
-            x2 = (x2.to(tl.float32) + tl.load(bias_ptr + h * (2 * HALF) + HALF + d).to(tl.float32)).to(x2.dtype)
+        if HAS_BIAS:
+            x1 = _biased(x1, tl.load(bias_ptr + h * (2 * HALF) + d))
+            x2 = _biased(x2, tl.load(bias_ptr + h * (2 * HALF) + HALF + d))
         col = tl.load(col_ptr)
         if h < N_Q + N_KV:
             p = tl.load(pos_ptr + b)
@@ -50,11 +79,7 @@ def build() -> SimpleNamespace:
             c2 = tl.load(cos_ptr + p * stride_t + HALF + d).to(tl.float32)
             s1 = tl.load(sin_ptr + p * stride_t + d).to(tl.float32)
             s2 = tl.load(sin_ptr + p * stride_t + HALF + d).to(tl.float32)
-            f1 = x1.to(tl.float32)
-            f2 = x2.to(tl.float32)
-            # round(x * cos) first, as the torch path's separate multiply does
-            o1 = (f1 * c1).to(x1.dtype).to(tl.float32) + f2 * s1
-            o2 = (f2 * c2).to(x1.dtype).to(tl.float32) + f1 * s2
+            o1, o2 = _rope_pair(x1, x2, c1, c2, s1, s2)
             if h < N_Q:
                 tl.store(src + d, o1.to(x1.dtype))
                 tl.store(src + HALF + d, o2.to(x1.dtype))
@@ -110,11 +135,7 @@ def build() -> SimpleNamespace:
             else:
                 s = tl.dot(q, tl.trans(k)) * scale
             bias = tl.load(bias_ptr + b * stride_bias + n, mask=nm, other=0.0).to(tl.float32)
-            s = tl.where(nm[None, :], s + bias[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_new, l_i = _softmax_step(s, nm, bias, m_i, l_i)
             v = tl.load(v_ptr + kv + n[:, None] * stride_cl + d[None, :], mask=nm[:, None], other=0.0)
             if FP32_DOT:
                 v = v.to(tl.float32)
@@ -156,26 +177,21 @@ def build() -> SimpleNamespace:
         k2 = tl.load(row + kh + HALF + d)
         v1 = tl.load(row + vh + d)
         v2 = tl.load(row + vh + HALF + d)
-        dt = x1.dtype
-        if HAS_BIAS:  # the projection's bias, rounded in as torch's ``y + b`` rounds
-            x1 = (x1.to(tl.float32) + tl.load(bias_ptr + qh + d[None, :], mask=gm[:, None], other=0.0).to(tl.float32)).to(dt)
-            x2 = (x2.to(tl.float32) + tl.load(bias_ptr + qh + HALF + d[None, :], mask=gm[:, None], other=0.0).to(tl.float32)).to(dt)
-            k1 = (k1.to(tl.float32) + tl.load(bias_ptr + kh + d).to(tl.float32)).to(dt)
-            k2 = (k2.to(tl.float32) + tl.load(bias_ptr + kh + HALF + d).to(tl.float32)).to(dt)
-            v1 = (v1.to(tl.float32) + tl.load(bias_ptr + vh + d).to(tl.float32)).to(dt)
-            v2 = (v2.to(tl.float32) + tl.load(bias_ptr + vh + HALF + d).to(tl.float32)).to(dt)
-        # RoPE, rounding x * cos first as the torch path's separate multiply does
-        f1 = x1.to(tl.float32)
-        f2 = x2.to(tl.float32)
-        q1 = ((f1 * c1[None, :]).to(dt).to(tl.float32) + f2 * s1[None, :]).to(k_ptr.dtype.element_ty)
-        q2 = ((f2 * c2[None, :]).to(dt).to(tl.float32) + f1 * s2[None, :]).to(k_ptr.dtype.element_ty)
-        e1 = k1.to(tl.float32)
-        e2 = k2.to(tl.float32)
+        if HAS_BIAS:
+            x1 = _biased(x1, tl.load(bias_ptr + qh + d[None, :], mask=gm[:, None], other=0.0))
+            x2 = _biased(x2, tl.load(bias_ptr + qh + HALF + d[None, :], mask=gm[:, None], other=0.0))
+            k1 = _biased(k1, tl.load(bias_ptr + kh + d))
+            k2 = _biased(k2, tl.load(bias_ptr + kh + HALF + d))
+            v1 = _biased(v1, tl.load(bias_ptr + vh + d))
+            v2 = _biased(v2, tl.load(bias_ptr + vh + HALF + d))
+        q1, q2 = _rope_pair(x1, x2, c1[None, :], c2[None, :], s1[None, :], s2[None, :])
+        q1 = q1.to(k_ptr.dtype.element_ty)
+        q2 = q2.to(k_ptr.dtype.element_ty)
+        e1, e2 = _rope_pair(k1, k2, c1, c2, s1, s2)
         col = tl.load(col_ptr)
         kv = b * stride_cb + h * stride_ch
-        tl.store(k_ptr + kv + col * stride_cl + d, ((e1 * c1).to(dt).to(tl.float32) + e2 * s1).to(k_ptr.dtype.element_ty))
-        tl.store(k_ptr + kv + col * stride_cl + HALF + d,
-                 ((e2 * c2).to(dt).to(tl.float32) + e1 * s2).to(k_ptr.dtype.element_ty))
+        tl.store(k_ptr + kv + col * stride_cl + d, e1.to(k_ptr.dtype.element_ty))
+        tl.store(k_ptr + kv + col * stride_cl + HALF + d, e2.to(k_ptr.dtype.element_ty))
         tl.store(v_ptr + kv + col * stride_cl + d, v1.to(v_ptr.dtype.element_ty))
         tl.store(v_ptr + kv + col * stride_cl + HALF + d, v2.to(v_ptr.dtype.element_ty))
         tl.debug_barrier()  # the column just stored is read back below by other threads of this program
@@ -198,11 +214,7 @@ def build() -> SimpleNamespace:
             else:
                 s = (tl.dot(q1, tl.trans(ka)) + tl.dot(q2, tl.trans(kb))) * scale
             bias = tl.load(mask_ptr + b * stride_mask + n, mask=nm, other=0.0).to(tl.float32)
-            s = tl.where(nm[None, :], s + bias[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            pr = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(pr, 1)
+            pr, alpha, m_new, l_i = _softmax_step(s, nm, bias, m_i, l_i)
             va = tl.load(v_ptr + kv + n[:, None] * stride_cl + d[None, :], mask=nm[:, None], other=0.0)
             vb = tl.load(v_ptr + kv + n[:, None] * stride_cl + HALF + d[None, :], mask=nm[:, None], other=0.0)
             if FP32_DOT:
