@@ -4,7 +4,9 @@ Each variant runs once per layer over 28 layers' own buffers (so weights-free in
 cache are not served from L2 across repeats), captured in one CUDA graph and replayed; the figure is
 microseconds per layer. Batches 1, 64 and 512; cache of 192 columns with 128 filled (the middle of a
 64 + 128-token rollout). The attention kernel is also swept over its block and launch settings, and
-the fused ``rope_attention`` is timed against the RoPE kernel followed by the attention kernel.
+the fused ``rope_attention`` is timed against the RoPE kernel followed by the attention kernel. The
+sampler row is the engine's (Philox uniforms drawn in the kernel); a second figure times it over
+``torch.rand`` uniforms, as the engine sampled before.
 
     python benchmarks/decode_kernels.py --json out.json     # GPU, ~1 min
 """
@@ -105,7 +107,13 @@ def bench(batch: int, device: torch.device, dt=torch.bfloat16) -> dict:
         lse = torch.logsumexp(x, -1)
         tok = torch.argmin(torch.softmax(x, -1).div_(u.log()), -1)
         return x.gather(1, tok[:, None])[:, 0] - lse
-    row("sampling (one step)", [torch_sample], [lambda: dk.sample_tokens(logits, u, 0.7, step, 0, stops, True)])
+    seed = torch.tensor([7], device=device)
+    row("sampling (one step)", [torch_sample], [lambda: dk.sample_tokens(logits, None, 0.7, step, 0, stops, True,
+                                                                        seed=seed)])
+    given = per_layer_us([lambda: dk.sample_tokens(logits, torch.rand(batch, VOCAB, device=device), 0.7, step, 0,
+                                                   stops, True)], device)
+    out["sampling_given_uniforms_us"] = given
+    print(f"batch {batch:4d} sampling over torch.rand uniforms (the earlier engine's): {given:.1f} us", flush=True)
     return out
 
 

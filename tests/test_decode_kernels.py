@@ -7,6 +7,7 @@ GPU rounds to nearest, so bf16 checks on the CPU allow more bf16 steps than on t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from rlhf_lit.rollout import decode_kernels as dk
 from rlhf_lit.rollout.cuda_graph import StaticCudaGraphGenerate
 
-from test_fast_rollout import PAD, left_padded, sampling, tiny_lm
+from test_fast_rollout import PAD, fresh_logprobs, left_padded, sampling, tiny_lm
 
 CUDA = torch.cuda.is_available()
 # the kernels on CUDA are GPU tests (``-m gpu``); on the CPU they run through the interpreter
@@ -119,8 +120,7 @@ def test_decode_attention_matches_sdpa_over_the_filled_columns(device, dtype, co
 @pytest.mark.parametrize("col,block_n", [(0, 64), (70, 128), (143, 64), (143, 16)])
 def test_rope_attention_is_the_rope_kernel_then_attention(device, dtype, with_bias, col, block_n):
     """The fused kernel against the two it replaces: the same cache columns (bit for bit but for fp32
-    FMA contraction on the GPU), ``y`` left
-    as it was, and the attention output of the rotated queries (to the summation order) and of
+    FMA contraction on the GPU), ``y`` left as it was, and the attention output of the rotated queries (to the summation order) and of
     SDPA over the filled columns; G = 5 query heads per KV head (padded to 16 in the kernel)."""
     g = torch.Generator().manual_seed(col + block_n)
     B, nH, nKV, D, T, L = 3, 10, 2, 32, 150, 144
@@ -184,6 +184,87 @@ def test_sample_tokens_draws_the_exponential_race_token_with_its_logprob(device,
     assert (tok == 5).all() == (min_new <= 2)
     ref_lp = x.gather(1, ref[:, None])[:, 0] - torch.logsumexp(xs if after_suppression else x, -1)
     torch.testing.assert_close(lp.double(), ref_lp, atol=1e-4, rtol=1e-5)
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32 with 10 rounds (Salmon et al. 2011) on uint64 numpy arrays holding 32-bit words:
+    an independent reference for the sampler's uniforms."""
+    c = [np.asarray(x, dtype=np.uint64) & _M32 for x in (c0, c1, c2, c3)]
+    k0, k1 = np.uint64(k0), np.uint64(k1)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c[0]
+        p1 = np.uint64(0xCD9E8D57) * c[2]
+        c = [((p1 >> np.uint64(32)) ^ c[1] ^ k0) & _M32, p1 & _M32, ((p0 >> np.uint64(32)) ^ c[3] ^ k1) & _M32, p0 & _M32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & _M32, (k1 + np.uint64(0xBB67AE85)) & _M32
+    return c
+
+
+def test_philox_reference_gives_random123s_known_answers():
+    """The reference against Random123's published test vectors (kat_vectors, philox4x32 10)."""
+    for ctr, key, want in [
+        ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((_M32,) * 4, (_M32, _M32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    ]:
+        assert tuple(int(w) for w in _philox4x32_10(*ctr, *key)) == want
+
+
+def _philox_uniforms(seed: int, step: int, B: int, V: int) -> torch.Tensor:
+    """The uniforms ``sample_tokens(seed=...)`` documents, from the reference."""
+    Q = dk.SAMPLE_LANES
+    i = np.arange(V, dtype=np.uint64)
+    ctr = np.uint64(Q) * (i // np.uint64(4 * Q)) + i % np.uint64(Q)
+    word = ((i % np.uint64(4 * Q)) // np.uint64(Q)).astype(np.int64)
+    u = np.empty((B, V), np.float32)
+    for r in range(B):
+        words = _philox4x32_10(ctr, r, step, 0, seed & _M32, seed >> 32)
+        x = np.choose(word, words).astype(np.uint32).view(np.int32).astype(np.int64)
+        x = np.where(x < 0, -x - 1, x)
+        u[r] = x.astype(np.float32) * np.float32(4.6566127342e-10)
+    return torch.from_numpy(u)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_tokens_with_a_seed_draws_with_the_documented_philox_uniforms(device):
+    """Seed mode = u mode over the reference's uniforms: the same tokens and log-probs (V spans a
+    partial last block and a second chunk; two stop ids suppressed)."""
+    B, V, step, seed = 3, dk.SAMPLE_CHUNK + 1100, 5, (7 << 33) + 12345
+    g = torch.Generator().manual_seed(0)
+    logits = (2 * torch.randn(B, V, generator=g)).to(device)
+    stops = torch.tensor([4, V - 2], device=device)
+    st = torch.tensor([step], device=device)
+    u = _philox_uniforms(seed, step, B, V).to(device)
+    a = dk.sample_tokens(logits, None, 0.7, st, 9, stops, True, seed=torch.tensor([seed], device=device))
+    b = dk.sample_tokens(logits, u, 0.7, st, 9, stops, True)
+    assert torch.equal(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=0)
+    other = dk.sample_tokens(logits, None, 0.7, st, 9, stops, True, seed=torch.tensor([seed + 1], device=device))
+    assert not torch.equal(other[0], a[0])  # another key, other draws (3 rows of 5196 columns)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_tokens_with_a_seed_draws_the_softmax(device):
+    """Draws from softmax(x / T): Pearson's chi-square against the expected counts stays under its
+    99.9% quantile (the seed is fixed, so the result is too). On the GPU 16,384 draws (4,096 rows x 4
+    steps) over 8 tokens (7 degrees of freedom: 24.32); through the slow interpreter 192 draws over 4
+    tokens (3: 16.27); the log-probs are the softmax's."""
+    cuda = device == "cuda"
+    x = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5, 2.5, -2.0, 1.5] if cuda else [0.0, 0.5, 1.0, 1.5], device=device)
+    rows, steps, quantile = (4096, 4, 24.32) if cuda else (96, 2, 16.27)
+    logits = x.repeat(rows, 1).contiguous()
+    counts = torch.zeros(len(x))
+    for step in range(steps):
+        tok, lp = dk.sample_tokens(logits, None, 0.9, torch.tensor([step], device=device), 0, None, False,
+                                   seed=torch.tensor([2024], device=device))
+        counts += torch.bincount(tok.cpu(), minlength=len(x)).float()
+        torch.testing.assert_close(lp.cpu(), torch.log_softmax(x.cpu() / 0.9, 0)[tok.cpu()], atol=1e-5, rtol=0)
+    expected = counts.sum() * torch.softmax(x.cpu() / 0.9, 0)
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < quantile, (chi2, counts.tolist(), expected.tolist())
 
 
 def _rope_args(**over):
@@ -292,6 +373,15 @@ def _attention_args(**over):
     (lambda: dk.rope_attention(**_rope_attention_args(block_n=48)), "block_n must be a power of two"),
     (lambda: dk.rope_attention(**_rope_attention_args(scale=float("nan"))), "scale must be finite"),
     (lambda: dk.rope_attention(**_rope_attention_args(y=torch.randn(2, 192))), "y of width 192 must be"),
+    (lambda: dk.sample_tokens(torch.randn(2, 8), torch.rand(2, 8), 1.0, torch.zeros(1).long(), 0, None, False,
+                              seed=torch.zeros(1).long()), "give the uniforms u or a Philox seed, not both"),
+    (lambda: dk.sample_tokens(torch.randn(2, 8), None, 1.0, torch.zeros(1).long(), 0, None, False), "not neither"),
+    (lambda: dk.sample_tokens(torch.randn(2, 8), None, 1.0, torch.zeros(1).long(), 0, None, False,
+                              seed=torch.tensor([-1])), "seed holds -1..-1"),
+    (lambda: dk.sample_tokens(torch.randn(2, 8), None, 1.0, torch.zeros(1).long(), 0, None, False,
+                              seed=torch.tensor([1.0])), "seed must be a contiguous 1-D int64"),
+    (lambda: dk.sample_tokens(torch.randn(2, 8), None, 1.0, torch.tensor([2 ** 32]), 0, None, False,
+                              seed=torch.tensor([1])), "step holds 4294967296"),
     # found by a new-user trial: inputs that got through and gave wrong results or unclear errors
     (lambda: dk.rope_attention(**_rope_attention_args(attn_bias=torch.ones(2, 1, 1, 6, dtype=torch.bool))),
      "attn_bias must be a floating-point additive mask"),
@@ -421,22 +511,35 @@ def test_engine_with_triton_kernels_decodes_what_the_torch_path_decodes(lora, ga
     torch.testing.assert_close(outs["triton"][1], outs["torch"][1], atol=1e-5, rtol=0)
 
 
-def test_engine_sampling_with_the_fused_sampler_draws_what_the_torch_path_draws(monkeypatch):
-    """Seeded sampling, min_new_tokens suppressing two stop ids, both log-prob modes: the fused
-    sampler consumes the generator as the torch path does, so the tokens are the same."""
+def test_engine_with_the_fused_sampler_is_seeded_and_its_logprobs_are_the_models(monkeypatch):
+    """Seeded sampling with min_new_tokens suppressing two stop ids: the same seed draws the same
+    tokens, another seed others; the log-probs are the model's at temperature T, over all tokens or,
+    with ``sampler_logprobs``, over those the draw allowed. (The Triton sampler computes its own
+    Philox uniforms, so it draws other tokens than the torch path.)"""
     model = tiny_lm("qwen2", seed=5)
     ids, mask = left_padded([5, 9, 3, 7], 10, 128)
     calls = _count_kernel_calls(monkeypatch)
+    T, stops = 0.8, [7, 9]
     for sampler_logprobs in (False, True):
-        outs = {}
-        for kernels in ("torch", "triton"):
-            eng = StaticCudaGraphGenerate(seed=11, compute_logprobs=True, sampler_logprobs=sampler_logprobs,
-                                          kernels=kernels)
-            out = eng.generate(model, ids, mask, sampling(12, min_new_tokens=6, temperature=0.8), [7, 9], PAD)
-            outs[kernels] = (out, eng.last_logprobs)
-        assert torch.equal(outs["torch"][0], outs["triton"][0])
-        torch.testing.assert_close(outs["triton"][1], outs["torch"][1], atol=1e-5, rtol=0)
-    assert calls["sample_tokens"] == 2 * 12  # the prompt pass's token and 11 decode steps, per mode
+        def run(seed):
+            eng = StaticCudaGraphGenerate(seed=seed, compute_logprobs=True, sampler_logprobs=sampler_logprobs,
+                                          kernels="triton")
+            out = eng.generate(model, ids, mask, sampling(6, min_new_tokens=6, temperature=T), stops, PAD)
+            return out, eng.last_logprobs
+        a, lp = run(11)
+        if not sampler_logprobs:  # (the interpreter is slow: the seed checks once)
+            b, c = run(11)[0], run(12)[0]
+            assert torch.equal(a, b) and not torch.equal(a, c)
+        assert not torch.isin(a, torch.tensor(stops)).any()
+        full = torch.cat([ids, a], 1)
+        with torch.no_grad():
+            full_mask = torch.cat([mask, torch.ones_like(a)], 1)
+            logits = model(input_ids=full, attention_mask=full_mask).logits[:, ids.shape[1] - 1:-1] / T
+        if sampler_logprobs:
+            logits[..., stops] = float("-inf")
+        ref = torch.log_softmax(logits.float(), -1).gather(-1, a[..., None])[..., 0]
+        torch.testing.assert_close(lp, ref, atol=1e-4, rtol=0)
+    assert calls["sample_tokens"] == 4 * 6  # the prompt pass's token and 5 decode steps, per run
 
 
 @pytest.mark.gpu
@@ -467,14 +570,18 @@ def test_graph_with_triton_kernels_on_gpu(dtype, lora, gate_up_rows, heads):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_graph_with_the_fused_sampler_on_gpu_draws_what_the_torch_path_draws():
+def test_graph_with_the_fused_sampler_on_gpu_is_seeded_and_its_logprobs_are_the_models():
+    """In the captured graph (fp32): the same seed draws the same tokens, another seed others, the
+    stop ids are not drawn before min_new_tokens, and the log-probs are a fresh forward's."""
     model = tiny_lm("qwen2", seed=4, device="cuda")
     ids, mask = left_padded([5, 9, 3, 7], 10, 128, device="cuda")
     outs = {}
-    for kernels in ("torch", "auto"):
-        eng = StaticCudaGraphGenerate(seed=3, compute_logprobs=True, sampler_logprobs=True, kernels=kernels)
-        outs[kernels] = (eng.generate(model, ids, mask, sampling(20, min_new_tokens=8), [7, 9], PAD),
-                         eng.last_logprobs)
-        assert eng.num_captures == 1
-    assert torch.equal(outs["torch"][0], outs["auto"][0])
-    torch.testing.assert_close(outs["auto"][1], outs["torch"][1], atol=1e-4, rtol=0)
+    for seed in (3, 3, 4):
+        eng = StaticCudaGraphGenerate(seed=seed, compute_logprobs=True)
+        out = eng.generate(model, ids, mask, sampling(20, min_new_tokens=20), [7, 9], PAD)
+        assert eng._fused_glue and eng.num_captures == 1
+        outs.setdefault(seed, []).append((out, eng.last_logprobs))
+    (a, lp), (b, _) = outs[3]
+    assert torch.equal(a, b) and not torch.equal(a, outs[4][0][0])
+    assert not torch.isin(a, torch.tensor([7, 9], device="cuda")).any()
+    torch.testing.assert_close(lp, fresh_logprobs(model, ids, mask, a, 1.0), atol=1e-4, rtol=0)

@@ -62,15 +62,16 @@ fp32 adapter weights; ``norm="fused"`` uses ``torch.rms_norm`` (one kernel, one 
 of HF's fp32-then-cast formula (``norm="exact"``). Both differ from HF by bf16 rounding only (fp32
 runs agree to ~1e-6); PPO recomputes old log-probs with its training forward anyway, so the ratio
 starts at 1 whatever the engine does. LoRA dropout is skipped (the engine samples in eval mode). The
-Triton glue follows the torch ops' roundings, and its sampler consumes the generator as the torch
-path does, so the same seed draws the same tokens.
+Triton glue follows the torch ops' roundings. Its sampler draws the same distribution from Philox
+uniforms it computes itself, keyed by one draw of the generator per call: the same seed draws the
+same tokens on a path, but the torch and Triton paths draw different ones.
 
 Left-padded prompts are padded further on the left to a multiple of ``prompt_bucket`` so a capture
 serves every prompt length in a bucket. Positions are per row (``cumsum(mask) - 1``, as HF), padding
 is masked out of attention, and the cache column written at decode step ``t`` is ``bucket + t`` for
 every row. Sampling runs inside the graph: temperature, top-k, top-p (sort), min_new_tokens
 (suppresses the stop ids), and an exponential race ``argmax p_i / E_i`` (E ~ Exp(1) from
-``torch.rand``: graph-safe through the CUDA generator). Rows that emitted a stop token get PAD after
+``torch.rand``, graph-safe through the CUDA generator; the Triton sampler computes its uniforms). Rows that emitted a stop token get PAD after
 it; the host checks every ``check_every`` steps (once past ``min_new_tokens``) whether all rows
 finished and stops early.
 
@@ -464,6 +465,7 @@ class _State:
         self.pos = torch.zeros(batch, dtype=torch.long, device=dev)
         self.col = torch.zeros(1, dtype=torch.long, device=dev)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)
+        self.seed = torch.zeros(1, dtype=torch.long, device=dev)  # the Triton sampler's Philox key, per call
         self.finished = torch.zeros(batch, dtype=torch.bool, device=dev)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=dev)
         self.out = torch.zeros(batch, max_new + 2, dtype=torch.long, device=dev)  # +2: warm-up slack
@@ -655,6 +657,9 @@ class StaticCudaGraphGenerate(RolloutEngine):
         self._pad = int(pad_token_id)
         gen = self._generator(dev)
         plan.refresh()
+        if self._fused_glue and not self.greedy and sampling.top_k == 0 and sampling.top_p >= 1.0:
+            # the Triton sampler's key: one draw of the generator per call
+            st.seed.copy_(torch.randint(0, 2 ** 62, (1,), generator=gen, device=dev))
 
         if Pb > P:
             pad_cols = Pb - P
@@ -884,10 +889,10 @@ class StaticCudaGraphGenerate(RolloutEngine):
     def _sample_and_advance(self, st: _State, logits: Tensor, gen) -> None:
         s = self._sampling
         if self._fused_glue and not self.greedy and s.top_k == 0 and s.top_p >= 1.0:
-            # one read of the logits instead of ~8 passes over fp32 copies (0.2 ms at 64 rows)
-            u = torch.rand(logits.shape, generator=gen, device=logits.device, dtype=torch.float32)
-            nxt, lp = decode_kernels.sample_tokens(logits, u, s.temperature, st.step, s.min_new_tokens, st.stop_t,
-                                                   lse_after_suppression=self.sampler_logprobs)
+            # one read of the logits instead of ~8 passes over fp32 copies (0.2 ms at 64 rows), with
+            # uniforms drawn in the kernel (Philox keyed by st.seed, counted by row and step)
+            nxt, lp = decode_kernels.sample_tokens(logits, None, s.temperature, st.step, s.min_new_tokens, st.stop_t,
+                                                   lse_after_suppression=self.sampler_logprobs, seed=st.seed)
             self._advance(st, nxt, lp if self.compute_logprobs else None)
             return
         x = logits.float()

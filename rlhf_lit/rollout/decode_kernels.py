@@ -33,8 +33,8 @@ log-probs therefore do not depend on which path ran, beyond float-contraction di
   fused q/k/v projections without q/k norms.
 * :func:`silu_mul`: ``round(silu(g)) * u`` (SwiGLU, Shazeer 2020, "GLU Variants Improve
   Transformer"), as ``act(gate) * up`` computes it in two torch ops.
-* :func:`sample_tokens`: the exponential race written as a Gumbel-max over the same uniforms. The
-  same seed draws the same tokens.
+* :func:`sample_tokens`: the exponential race written as a Gumbel-max, over given uniforms (the
+  same ``u`` draws the torch path's token) or over Philox uniforms the kernel computes from a seed.
 
 Each function runs on CUDA tensors, or on CPU tensors through Triton's interpreter; CI uses the
 interpreter to test them against the torch ops without a GPU (the interpreter rounds fp32 to bf16
@@ -126,6 +126,7 @@ def self_test(device: torch.device) -> Optional[str]:
             cache32 = torch.zeros(2, 1, 16, 32, device=device, dtype=dt)
             rope_attention(y32, table32, table32, pos, col, cache32, cache32.clone(), mask, 0.25, 2, 1)
             sample_tokens(x, torch.full((2, 64), 0.5, device=device), 1.0, col, 0, None, False)
+            sample_tokens(x, None, 1.0, col, 0, None, False, seed=col)
             _SELF_TEST[key] = None
         except Exception as e:  # noqa: BLE001 - any failure means: do not use the kernels here
             _SELF_TEST[key] = f"{type(e).__name__}: {e}"
@@ -509,41 +510,53 @@ def rope_attention(y: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor, col:
 
 
 SAMPLE_CHUNK = 4096  # vocabulary entries per program of the sampler's first pass
+SAMPLE_LANES = 256  # its columns per sub-block (four sub-blocks share one Philox call per lane)
 
 
-def sample_tokens(logits: Tensor, u: Tensor, temperature: float, step: Tensor, min_new_tokens: int,
-                  stop_ids: Optional[Tensor], lse_after_suppression: bool) -> tuple[Tensor, Tensor]:
+def sample_tokens(logits: Tensor, u: Optional[Tensor], temperature: float, step: Tensor, min_new_tokens: int,
+                  stop_ids: Optional[Tensor], lse_after_suppression: bool,
+                  seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One token per row from ``softmax(logits / T)``, and its log-prob, in two kernels.
 
     The draw is the exponential race of :func:`~rlhf_lit.rollout.sampling.sample_from_filtered`
     written as a Gumbel-max (Gumbel 1954; Maddison et al. 2014, "A* Sampling"): ``argmax_i x_i -
     log(-log u_i)`` equals ``argmax_i p_i / E_i`` with ``E_i = -log u_i``, so the same ``u`` picks
-    the same token. While ``step < min_new_tokens`` the stop ids cannot be drawn (``-inf``). The
-    log-prob is ``x_tok - logsumexp(x)``, over the suppressed logits when
-    ``lse_after_suppression`` (the distribution the token was drawn from) else over all of them.
-    The first kernel reduces chunks of the vocabulary (max, sum of exp, best key) in one read of the
-    logits and ``u``; the second combines each row's chunks.
+    the same token. The uniforms come from ``u`` or, with ``seed``, from Philox4x32-10 (Salmon et al.
+    2011, "Parallel random numbers: as easy as 1, 2, 3") computed in the kernel, so no ``(B, V)``
+    tensor of uniforms is written and read: column ``i`` of row ``r`` at step ``s`` takes word
+    ``(i mod 4Q) // Q`` of Philox with key ``seed`` and counter ``(Q * (i // 4Q) + i mod Q, r, s, 0)``,
+    ``Q = SAMPLE_LANES``, as a float in [0, 1) (``triton.language.random.uint_to_uniform_float``).
+    While ``step < min_new_tokens`` the stop ids cannot be drawn (``-inf``). The log-prob is
+    ``x_tok - logsumexp(x)``, over the suppressed logits when ``lse_after_suppression`` (the
+    distribution the token was drawn from) else over all of them. The first kernel reduces chunks of
+    the vocabulary (max, sum of exp, best key) in one read of the logits (and ``u``); the second
+    combines each row's chunks.
 
     Args:
         logits: ``(B, V)``, rows contiguous, floating point, ``V >= 1``.
-        u: ``(B, V)`` float32 uniforms in [0, 1), rows contiguous.
+        u: ``(B, V)`` float32 uniforms in [0, 1), rows contiguous; or ``None`` with ``seed``.
         temperature: ``T`` in (0, 1e30] (beyond, ``1 / T`` is 0 in fp32).
-        step: ``(1,)`` int64, the decode step (compared with ``min_new_tokens`` on the device).
+        step: ``(1,)`` int64, the decode step (compared with ``min_new_tokens`` on the device; part
+            of the Philox counter), below 2**32.
         min_new_tokens: an integer; stop ids are suppressed while ``step`` is below it.
         stop_ids: ``(S,)`` contiguous int64 token ids in [0, V), or ``None``.
         lse_after_suppression: see above.
+        seed: ``(1,)`` int64 Philox key, >= 0, when ``u`` is ``None``.
 
     Returns:
         ``(tokens (B,) int64, logprobs (B,) float32)``.
 
     Raises:
-        ValueError: any input above not as described.
+        ValueError: any input above not as described, or both or neither of ``u`` and ``seed``.
     """
     _rows(logits, "logits")
-    _rows(u, "u")
-    if u.shape != logits.shape or u.dtype != torch.float32:
-        raise ValueError(f"u must be float32 of the logits' shape {tuple(logits.shape)}, got {u.dtype} "
-                         f"{tuple(u.shape)}")
+    if (u is None) == (seed is None):
+        raise ValueError("give the uniforms u or a Philox seed, not both and not neither")
+    if u is not None:
+        _rows(u, "u")
+        if u.shape != logits.shape or u.dtype != torch.float32:
+            raise ValueError(f"u must be float32 of the logits' shape {tuple(logits.shape)}, got {u.dtype} "
+                             f"{tuple(u.shape)}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
             or not math.isfinite(temperature) or not 0 < temperature <= 1e30:
         raise ValueError(f"temperature must be a finite number in (0, 1e30], got {temperature!r}")
@@ -554,8 +567,10 @@ def sample_tokens(logits: Tensor, u: Tensor, temperature: float, step: Tensor, m
     B, V = logits.shape
     if V < 1:
         raise ValueError("logits must have at least one column (the vocabulary)")
-    _same_device(logits, u=u, step=step, **({"stop_ids": stop_ids} if stop_ids is not None else {}))
-    _index(step, "step", 1, 2 ** 62, "the decode step")
+    _same_device(logits, u=u, step=step, seed=seed, **({"stop_ids": stop_ids} if stop_ids is not None else {}))
+    _index(step, "step", 1, 2 ** 32, "the decode step")
+    if seed is not None:
+        _index(seed, "seed", 1, 2 ** 63 - 1, "the Philox key")
     n_stop = 0 if stop_ids is None or min_new_tokens <= 0 else int(stop_ids.numel())
     if n_stop:
         _index(stop_ids, "stop_ids", n_stop, V, "token ids")
@@ -569,9 +584,10 @@ def sample_tokens(logits: Tensor, u: Tensor, temperature: float, step: Tensor, m
     key = torch.empty_like(m)
     idx = torch.empty(B, chunks, dtype=torch.int32, device=dev)
     K.sample_partials[(B, chunks)](
-        logits, u, stop_ids if n_stop else step, step, m, s, key, idx, logits.stride(0), u.stride(0), V,
-        1.0 / temperature, int(min_new_tokens), N_STOP=n_stop, CHUNKS=chunks, CHUNK=SAMPLE_CHUNK, BLOCK=1024,
-        LSE_SUPPRESSED=bool(lse_after_suppression), num_warps=4,
+        logits, logits if u is None else u, step if seed is None else seed, stop_ids if n_stop else step, step,
+        m, s, key, idx, logits.stride(0), 0 if u is None else u.stride(0), V, 1.0 / temperature,
+        int(min_new_tokens), N_STOP=n_stop, CHUNKS=chunks, CHUNK=SAMPLE_CHUNK, Q=SAMPLE_LANES,
+        LSE_SUPPRESSED=bool(lse_after_suppression), PHILOX=seed is not None, num_warps=4,
     )
     tokens = torch.empty(B, dtype=torch.int64, device=dev)
     logprobs = torch.empty(B, dtype=torch.float32, device=dev)

@@ -229,38 +229,56 @@ def build() -> SimpleNamespace:
         tl.store(out + HALF, (acc2 / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=gm[:, None])
 
     @triton.jit
-    def sample_partials_kernel(logits_ptr, u_ptr, stop_ptr, step_ptr, m_ptr, s_ptr, key_ptr, idx_ptr,
+    def sample_partials_kernel(logits_ptr, u_ptr, seed_ptr, stop_ptr, step_ptr, m_ptr, s_ptr, key_ptr, idx_ptr,
                                stride_l, stride_u, V, inv_t, min_new, N_STOP: tl.constexpr, CHUNKS: tl.constexpr,
-                               CHUNK: tl.constexpr, BLOCK: tl.constexpr, LSE_SUPPRESSED: tl.constexpr):
-        # one program per (row, chunk of the vocabulary): the chunk's running max and sum of exp (for the
-        # log-normalizer) and its best exponential-race key with that key's index
+                               CHUNK: tl.constexpr, Q: tl.constexpr, LSE_SUPPRESSED: tl.constexpr,
+                               PHILOX: tl.constexpr):
+        # One program per (row, chunk of the vocabulary): the chunk's running max and sum of exp (for
+        # the log-normalizer) and its best exponential-race key with that key's index. The chunk is
+        # read in blocks of 4 Q columns, as four sub-blocks of Q: with PHILOX, one Philox4x32-10 call
+        # per lane gives the four sub-blocks' uniforms (counter: block start / 4 + lane, row, step, 0).
         row = tl.program_id(0)
         c = tl.program_id(1)
-        suppress = tl.load(step_ptr) < min_new
-        m_run = tl.full((BLOCK,), float("-inf"), tl.float32)
-        s_run = tl.zeros((BLOCK,), tl.float32)
-        best = tl.full((BLOCK,), float("-inf"), tl.float32)
-        best_i = tl.zeros((BLOCK,), tl.int32)
-        for off in range(0, CHUNK, BLOCK):
-            idx = c * CHUNK + off + tl.arange(0, BLOCK)
-            msk = idx < V
-            x = tl.load(logits_ptr + row * stride_l + idx, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
-            xs = x
-            for j in tl.static_range(N_STOP):
-                xs = tl.where(suppress & (idx == tl.load(stop_ptr + j)), float("-inf"), xs)
-            if LSE_SUPPRESSED:
-                xl = xs
-            else:
-                xl = x
-            m_new = tl.maximum(m_run, xl)
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_run = s_run * tl.exp(m_run - safe) + tl.exp(xl - safe)
-            m_run = m_new
-            u = tl.load(u_ptr + row * stride_u + idx, mask=msk, other=0.5)
-            key = tl.where(msk, xs - tl.log(-tl.log(u)), float("-inf"))
-            better = key > best
-            best = tl.where(better, key, best)
-            best_i = tl.where(better, idx, best_i)
+        step = tl.load(step_ptr)
+        suppress = step < min_new
+        t = tl.arange(0, Q)
+        m_run = tl.full((Q,), float("-inf"), tl.float32)
+        s_run = tl.zeros((Q,), tl.float32)
+        best = tl.full((Q,), float("-inf"), tl.float32)
+        best_i = tl.zeros((Q,), tl.int32)
+        if PHILOX:
+            seed = tl.load(seed_ptr)
+            zero = tl.zeros((Q,), tl.uint32)
+            c1 = zero + row.to(tl.uint32)
+            c2 = zero + step.to(tl.uint32)
+        for off in range(0, CHUNK, 4 * Q):
+            base = c * CHUNK + off
+            if PHILOX:
+                r0, r1, r2, r3 = tl.philox(seed, (base // 4 + t).to(tl.uint32), c1, c2, zero)
+            for j in tl.static_range(4):
+                idx = base + j * Q + t
+                msk = idx < V
+                x = tl.load(logits_ptr + row * stride_l + idx, mask=msk, other=float("-inf")).to(tl.float32) * inv_t
+                xs = x
+                for k in tl.static_range(N_STOP):
+                    xs = tl.where(suppress & (idx == tl.load(stop_ptr + k)), float("-inf"), xs)
+                if LSE_SUPPRESSED:
+                    xl = xs
+                else:
+                    xl = x
+                m_new = tl.maximum(m_run, xl)
+                safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s_run = s_run * tl.exp(m_run - safe) + tl.exp(xl - safe)
+                m_run = m_new
+                if PHILOX:
+                    r = r0 if j == 0 else (r1 if j == 1 else (r2 if j == 2 else r3))
+                    u = tl.random.uint_to_uniform_float(r)
+                else:
+                    u = tl.load(u_ptr + row * stride_u + idx, mask=msk, other=0.5)
+                key = tl.where(msk, xs - tl.log(-tl.log(u)), float("-inf"))
+                better = key > best
+                best = tl.where(better, key, best)
+                best_i = tl.where(better, idx, best_i)
         m = tl.max(m_run, 0)
         safe_m = tl.where(m == float("-inf"), 0.0, m)
         out = row * CHUNKS + c
