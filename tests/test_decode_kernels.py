@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from rlhf_lit.rollout import decode_kernels as dk
 from rlhf_lit.rollout.cuda_graph import StaticCudaGraphGenerate
 
-from test_fast_rollout import PAD, fresh_logprobs, left_padded, sampling, tiny_lm
+from test_fast_rollout import PAD, fresh_logprobs, left_padded, no_tf32, sampling, tiny_lm  # noqa: F401 (fixture)
 
 CUDA = torch.cuda.is_available()
 # the kernels on CUDA are GPU tests (``-m gpu``); on the CPU they run through the interpreter
@@ -570,9 +570,10 @@ def test_graph_with_triton_kernels_on_gpu(dtype, lora, gate_up_rows, heads):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-def test_graph_with_the_fused_sampler_on_gpu_is_seeded_and_its_logprobs_are_the_models():
-    """In the captured graph (fp32): the same seed draws the same tokens, another seed others, the
-    stop ids are not drawn before min_new_tokens, and the log-probs are a fresh forward's."""
+def test_graph_with_the_fused_sampler_on_gpu_is_seeded_and_its_logprobs_are_the_models(no_tf32):
+    """In the captured graph (fp32 without TF32): the same seed draws the same tokens, another seed
+    others, the stop ids are not drawn before min_new_tokens, and the log-probs are a fresh
+    forward's (to ``test_gpu_logprobs_match_a_fresh_forward``'s 1e-3)."""
     model = tiny_lm("qwen2", seed=4, device="cuda")
     ids, mask = left_padded([5, 9, 3, 7], 10, 128, device="cuda")
     outs = {}
@@ -584,4 +585,4 @@ def test_graph_with_the_fused_sampler_on_gpu_is_seeded_and_its_logprobs_are_the_
     (a, lp), (b, _) = outs[3]
     assert torch.equal(a, b) and not torch.equal(a, outs[4][0][0])
     assert not torch.isin(a, torch.tensor([7, 9], device="cuda")).any()
-    torch.testing.assert_close(lp, fresh_logprobs(model, ids, mask, a, 1.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(lp, fresh_logprobs(model, ids, mask, a, 1.0), atol=1e-3, rtol=0)
