@@ -323,9 +323,9 @@ def _attention_args(**over):
     (lambda: dk.decode_attention(**_attention_args(k_cache=torch.zeros(2, 1, 6, 12), v_cache=torch.zeros(2, 1, 6, 12),
                                                    q=torch.randn(2, 48))), "D a power of two >= 16"),
     (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8), 0.0, torch.zeros(1).long(), 0, None, False),
-     "temperature must be a finite number in \\(0, 1e30\\], got 0.0"),
+     "temperature must be a number in \\[1e-30, 1e30\\] .*got 0.0"),
     (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8), float("inf"), torch.zeros(1).long(), 0, None, False),
-     "temperature must be a finite number in \\(0, 1e30\\], got inf"),
+     "temperature must be a number in \\[1e-30, 1e30\\] .*got inf"),
     (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8).double(), 1.0, torch.zeros(1).long(), 0, None, False),
      "u must be float32"),
     (lambda: dk.sample_tokens(torch.randn(4, 8), torch.rand(4, 8), 1.0, 0, 0, None, False),
@@ -346,7 +346,7 @@ def _attention_args(**over):
     (lambda: dk.sample_tokens(torch.randn(2, 100), torch.rand(2, 100), 1.0, torch.zeros(1).long(), 2.5, None, False),
      "min_new_tokens must be an integer"),
     (lambda: dk.sample_tokens(torch.randn(2, 100), torch.rand(2, 100), 1e46, torch.zeros(1).long(), 0, None, False),
-     "temperature must be a finite number in"),
+     "temperature must be a number in"),
     (lambda: dk.sample_tokens(torch.ones(2, 100, dtype=torch.bool), torch.rand(2, 100), 1.0, torch.zeros(1).long(), 0,
                               None, False), "logits must be a 2-D floating-point tensor"),
     (lambda: dk.rms_norm(torch.ones(2, 8, dtype=torch.int64), torch.ones(8), 1e-6), "x must be a 2-D floating-point"),
@@ -382,6 +382,17 @@ def _attention_args(**over):
                               seed=torch.tensor([1.0])), "seed must be a contiguous 1-D int64"),
     (lambda: dk.sample_tokens(torch.randn(2, 8), None, 1.0, torch.tensor([2 ** 32]), 0, None, False,
                               seed=torch.tensor([1])), "step holds 4294967296"),
+    # found by a second new-user trial (the Philox sampler)
+    (lambda: dk.sample_tokens(torch.tensor([[-1.0, 0.5, 3.0, 2.0]]), None, 1e-39, torch.zeros(1).long(), 0, None, False,
+                              seed=torch.tensor([1])), "temperature must be a number in \\[1e-30, 1e30\\]"),
+    (lambda: dk.sample_tokens(torch.randn(2, 8), None, 1.0, torch.zeros(1).long(), 0, None, "False",
+                              seed=torch.tensor([1])), "lse_after_suppression must be a bool, got 'False'"),
+    (lambda: dk.sample_tokens(torch.randn(2, 8), None, 1.0, torch.zeros(1).long(), 2 ** 64, None, False,
+                              seed=torch.tensor([1])), "min_new_tokens must be an integer in"),
+    (lambda: dk.sample_tokens(torch.randn(2, 8), None, 1.0, torch.zeros(1).long(), 0, torch.tensor([99]), False,
+                              seed=torch.tensor([1])), "stop_ids holds 99..99: token ids must be in \\[0, 8\\)"),
+    (lambda: dk.sample_tokens(torch.randn(2, 8), None, 1.0, torch.zeros(1).long(), 0, torch.tensor([1.5]), False,
+                              seed=torch.tensor([1])), "stop_ids must be a contiguous 1-D int64"),
     # found by a new-user trial: inputs that got through and gave wrong results or unclear errors
     (lambda: dk.rope_attention(**_rope_attention_args(attn_bias=torch.ones(2, 1, 1, 6, dtype=torch.bool))),
      "attn_bias must be a floating-point additive mask"),
@@ -408,6 +419,15 @@ def _attention_args(**over):
 def test_bad_inputs_are_named(call, says):
     with pytest.raises(ValueError, match=says):
         call()
+
+
+def test_sample_tokens_takes_the_whole_documented_ranges():
+    """The largest seed, and a step past 2**32 with given uniforms (only Philox counts with it)."""
+    logits = torch.tensor([[0.0, 9.0, 1.0]])
+    tok, _ = dk.sample_tokens(logits, None, 1.0, torch.zeros(1).long(), 0, None, False, seed=torch.tensor([2 ** 63 - 1]))
+    assert tok.shape == (1,)
+    tok, lp = dk.sample_tokens(logits, torch.full((1, 3), 0.5), 1.0, torch.tensor([2 ** 40]), 0, None, False)
+    assert int(tok) == 1 and float(lp) == pytest.approx(float(torch.log_softmax(logits, 1)[0, 1]), abs=1e-6)
 
 
 def test_empty_batches_return_empty_results():

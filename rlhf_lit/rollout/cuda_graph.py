@@ -657,8 +657,7 @@ class StaticCudaGraphGenerate(RolloutEngine):
         self._pad = int(pad_token_id)
         gen = self._generator(dev)
         plan.refresh()
-        if self._fused_glue and not self.greedy and sampling.top_k == 0 and sampling.top_p >= 1.0:
-            # the Triton sampler's key: one draw of the generator per call
+        if self._triton_sampler(sampling):  # its Philox key: one draw of the generator per call
             st.seed.copy_(torch.randint(0, 2 ** 62, (1,), generator=gen, device=dev))
 
         if Pb > P:
@@ -886,9 +885,13 @@ class StaticCudaGraphGenerate(RolloutEngine):
         o = F.scaled_dot_product_attention(q.view(B, nKV, plan.group, D), kc, vc, attn_mask=st.bias, scale=plan.scale)
         return o.reshape(B, nH * D)
 
+    def _triton_sampler(self, s: SamplingConfig) -> bool:
+        """Whether sampling runs through :func:`decode_kernels.sample_tokens` (no top-k/top-p)."""
+        return self._fused_glue and not self.greedy and s.top_k == 0 and s.top_p >= 1.0
+
     def _sample_and_advance(self, st: _State, logits: Tensor, gen) -> None:
         s = self._sampling
-        if self._fused_glue and not self.greedy and s.top_k == 0 and s.top_p >= 1.0:
+        if self._triton_sampler(s):
             # one read of the logits instead of ~8 passes over fp32 copies (0.2 ms at 64 rows), with
             # uniforms drawn in the kernel (Philox keyed by st.seed, counted by row and step)
             nxt, lp = decode_kernels.sample_tokens(logits, None, s.temperature, st.step, s.min_new_tokens, st.stop_t,

@@ -524,23 +524,30 @@ def sample_tokens(logits: Tensor, u: Optional[Tensor], temperature: float, step:
     the same token. The uniforms come from ``u`` or, with ``seed``, from Philox4x32-10 (Salmon et al.
     2011, "Parallel random numbers: as easy as 1, 2, 3") computed in the kernel, so no ``(B, V)``
     tensor of uniforms is written and read: column ``i`` of row ``r`` at step ``s`` takes word
-    ``(i mod 4Q) // Q`` of Philox with key ``seed`` and counter ``(Q * (i // 4Q) + i mod Q, r, s, 0)``,
-    ``Q = SAMPLE_LANES``, as a float in [0, 1) (``triton.language.random.uint_to_uniform_float``).
+    ``(i mod 4Q) // Q`` of Philox with key ``(seed mod 2**32, seed // 2**32)`` and counter
+    ``(Q * (i // 4Q) + i mod Q, r, s, 0)``, ``Q = SAMPLE_LANES``, as a float in [0, 1): the word read
+    as an int32 ``w``, ``w`` if ``w >= 0`` else ``-w - 1``, times ``fp32(4.6566127342e-10)`` (2**-31;
+    Triton's ``uint_to_uniform_float``). ``tests/test_decode_kernels.py`` has a NumPy reference.
     While ``step < min_new_tokens`` the stop ids cannot be drawn (``-inf``). The log-prob is
     ``x_tok - logsumexp(x)``, over the suppressed logits when ``lse_after_suppression`` (the
     distribution the token was drawn from) else over all of them. The first kernel reduces chunks of
     the vocabulary (max, sum of exp, best key) in one read of the logits (and ``u``); the second
     combines each row's chunks.
 
+    The logits must be finite, which is not checked (it would read them on the host): a row with
+    NaN or infinite entries gets a NaN log-prob. A row whose every token is suppressed gets token 0.
+
     Args:
         logits: ``(B, V)``, rows contiguous, floating point, ``V >= 1``.
         u: ``(B, V)`` float32 uniforms in [0, 1), rows contiguous; or ``None`` with ``seed``.
-        temperature: ``T`` in (0, 1e30] (beyond, ``1 / T`` is 0 in fp32).
-        step: ``(1,)`` int64, the decode step (compared with ``min_new_tokens`` on the device; part
-            of the Philox counter), below 2**32.
-        min_new_tokens: an integer; stop ids are suppressed while ``step`` is below it.
+        temperature: ``T`` in [1e-30, 1e30] (``1 / T`` finite and non-zero in fp32, and ``x / T``
+            finite for logits up to ~1e8).
+        step: ``(1,)`` int64, the decode step (compared with ``min_new_tokens`` on the device),
+            below 2**62; below 2**32 with ``seed`` (it is a Philox counter word).
+        min_new_tokens: an integer in [-2**31, 2**31); stop ids are suppressed while ``step`` is
+            below it.
         stop_ids: ``(S,)`` contiguous int64 token ids in [0, V), or ``None``.
-        lse_after_suppression: see above.
+        lse_after_suppression: a bool, see above.
         seed: ``(1,)`` int64 Philox key, >= 0, when ``u`` is ``None``.
 
     Returns:
@@ -558,22 +565,26 @@ def sample_tokens(logits: Tensor, u: Optional[Tensor], temperature: float, step:
             raise ValueError(f"u must be float32 of the logits' shape {tuple(logits.shape)}, got {u.dtype} "
                              f"{tuple(u.shape)}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or not 0 < temperature <= 1e30:
-        raise ValueError(f"temperature must be a finite number in (0, 1e30], got {temperature!r}")
-    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int):
-        raise ValueError(f"min_new_tokens must be an integer, got {min_new_tokens!r}")
+            or not math.isfinite(temperature) or not 1e-30 <= temperature <= 1e30:
+        raise ValueError(f"temperature must be a number in [1e-30, 1e30] (1 / T and x / T finite in float32), "
+                         f"got {temperature!r}")
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) \
+            or not -2 ** 31 <= min_new_tokens < 2 ** 31:
+        raise ValueError(f"min_new_tokens must be an integer in [-2**31, 2**31), got {min_new_tokens!r}")
+    if not isinstance(lse_after_suppression, bool):
+        raise ValueError(f"lse_after_suppression must be a bool, got {lse_after_suppression!r}")
     if stop_ids is not None and not isinstance(stop_ids, Tensor):
         raise ValueError(f"stop_ids must be an int64 tensor or None, got {type(stop_ids).__name__}")
     B, V = logits.shape
     if V < 1:
         raise ValueError("logits must have at least one column (the vocabulary)")
     _same_device(logits, u=u, step=step, seed=seed, **({"stop_ids": stop_ids} if stop_ids is not None else {}))
-    _index(step, "step", 1, 2 ** 32, "the decode step")
+    _index(step, "step", 1, 2 ** 62 if seed is None else 2 ** 32, "the decode step")
     if seed is not None:
-        _index(seed, "seed", 1, 2 ** 63 - 1, "the Philox key")
+        _index(seed, "seed", 1, 2 ** 63, "the Philox key")
+    if stop_ids is not None:
+        _index(stop_ids, "stop_ids", stop_ids.numel(), V, "token ids")
     n_stop = 0 if stop_ids is None or min_new_tokens <= 0 else int(stop_ids.numel())
-    if n_stop:
-        _index(stop_ids, "stop_ids", n_stop, V, "token ids")
     dev = logits.device
     if B == 0:
         return torch.empty(0, dtype=torch.int64, device=dev), torch.empty(0, dtype=torch.float32, device=dev)
