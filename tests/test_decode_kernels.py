@@ -120,8 +120,9 @@ def test_decode_attention_matches_sdpa_over_the_filled_columns(device, dtype, co
 @pytest.mark.parametrize("col,block_n", [(0, 64), (70, 128), (143, 64), (143, 16)])
 def test_rope_attention_is_the_rope_kernel_then_attention(device, dtype, with_bias, col, block_n):
     """The fused kernel against the two it replaces: the same cache columns (bit for bit but for fp32
-    FMA contraction on the GPU), ``y`` left as it was, and the attention output of the rotated queries (to the summation order) and of
-    SDPA over the filled columns; G = 5 query heads per KV head (padded to 16 in the kernel)."""
+    FMA contraction on the GPU), ``y`` left as it was, and the attention output of the rotated
+    queries (to the summation order) and of SDPA over the filled columns; G = 5 query heads per KV
+    head (padded to 16 in the kernel)."""
     g = torch.Generator().manual_seed(col + block_n)
     B, nH, nKV, D, T, L = 3, 10, 2, 32, 150, 144
     y = torch.randn(B, (nH + 2 * nKV) * D, generator=g).to(device, dtype)

@@ -71,9 +71,9 @@ serves every prompt length in a bucket. Positions are per row (``cumsum(mask) - 
 is masked out of attention, and the cache column written at decode step ``t`` is ``bucket + t`` for
 every row. Sampling runs inside the graph: temperature, top-k, top-p (sort), min_new_tokens
 (suppresses the stop ids), and an exponential race ``argmax p_i / E_i`` (E ~ Exp(1) from
-``torch.rand``, graph-safe through the CUDA generator; the Triton sampler computes its uniforms). Rows that emitted a stop token get PAD after
-it; the host checks every ``check_every`` steps (once past ``min_new_tokens``) whether all rows
-finished and stops early.
+``torch.rand``, graph-safe through the CUDA generator; the Triton sampler computes its uniforms).
+Rows that emitted a stop token get PAD after it; the host checks every ``check_every`` steps (once
+past ``min_new_tokens``) whether all rows finished and stops early.
 
 What invalidates a capture
 --------------------------
@@ -514,9 +514,9 @@ class StaticCudaGraphGenerate(RolloutEngine):
             bias + RoPE + cache write + attention are one kernel when ``head_dim / 2`` is a power of
             two >= 16 (``decode_kernels.rope_attention``), two kernels when it is a smaller power of
             two; otherwise attention alone needs ``head_dim`` a power of two >= 16
-            (:func:`~rlhf_lit.rollout.decode_kernels.head_dim_support`); SiLU-and-mul an ``act_fn`` that is SiLU; the sampler
-            ``top_k=0``, ``top_p=1`` and sampling (not ``greedy``). The prompt pass always uses torch
-            ops.
+            (:func:`~rlhf_lit.rollout.decode_kernels.head_dim_support`); SiLU-and-mul an ``act_fn``
+            that is SiLU; the sampler ``top_k=0``, ``top_p=1`` and sampling (not ``greedy``). The
+            prompt pass always uses torch ops.
         gate_up_rows: with ``lora="merged"``, the MLP's gate and up run as one GEMM over their
             side-by-side merged copies when the GEMM has at most this many rows (a decode step: the
             batch; a prompt chunk: its rows x prompt length); otherwise as two GEMMs over the
