@@ -51,6 +51,18 @@ def test_print_config_loads_no_model(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "empty-cache").exists()  # nothing was built or loaded
 
 
+def test_rollout_kernels_is_an_option_of_the_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RLHF_LIT_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(SystemExit):
+        run_cli("fit", "--config", DEMO, "--model.rollout_kernels", "torch", "--print_config")
+    assert "rollout_kernels: torch" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        run_cli("fit", "--config", DEMO, "--model.rollout_kernels", "fast", "--print_config")
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert "rollout_kernels" in err and "fast" in err
+
+
 def test_fit_writes_logs_checkpoints_and_adapter(trained_run):
     run_dir, cli = trained_run
     metrics = read_metrics(run_dir)

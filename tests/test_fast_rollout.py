@@ -359,6 +359,25 @@ def test_training_mode_restored():
     assert model.training
 
 
+def test_make_engine_passes_the_configured_decode_kernels():
+    """``model.rollout_kernels`` reaches the CUDA-graph engine (built, not run: no GPU needed), and
+    is refused with the HF engine, which has no glue kernels."""
+    from rlhf_lit.rollout.auto import FallbackEngine, make_engine
+
+    cuda = torch.device("cuda")
+    eng = make_engine("cuda_graph", cuda, "torch")
+    assert isinstance(eng, StaticCudaGraphGenerate) and eng.kernels == "torch" and eng.lora_mode == "fused"
+    eng = make_engine("cuda_graph_merged", cuda, "triton")
+    assert eng.kernels == "triton" and eng.lora_mode == "merged"
+    eng = make_engine("auto", cuda)
+    assert isinstance(eng, FallbackEngine) and eng.active.kernels == "auto"
+    assert make_engine("auto", torch.device("cpu"), "torch").name == "HFGenerate"  # auto on the CPU
+    with pytest.raises(ValueError, match="model.rollout_kernels='triton' chooses the cuda_graph engines"):
+        make_engine("hf", cuda, "triton")
+    with pytest.raises(ValueError, match="model.rollout_kernels='fast': expected 'auto', 'triton' or 'torch'"):
+        make_engine("cuda_graph", cuda, "fast")
+
+
 def test_unsupported_architecture_raises():
     from transformers import GPT2Config, GPT2LMHeadModel
 

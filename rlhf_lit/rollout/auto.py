@@ -19,6 +19,7 @@ from rlhf_lit.rollout.hf_generate import HFGenerate
 log = logging.getLogger(__name__)
 
 EngineName = Literal["auto", "hf", "cuda_graph", "cuda_graph_merged"]
+KernelsName = Literal["auto", "triton", "torch"]
 
 
 class FallbackEngine(RolloutEngine):
@@ -52,12 +53,19 @@ class FallbackEngine(RolloutEngine):
         self.active.release()
 
 
-def make_engine(name: EngineName, device: torch.device) -> RolloutEngine:
-    """The engine ``name`` for ``device``.
+def make_engine(name: EngineName, device: torch.device, kernels: KernelsName = "auto") -> RolloutEngine:
+    """The engine ``name`` for ``device``; ``kernels``: the CUDA-graph engine's decode-step glue
+    (``StaticCudaGraphGenerate(kernels=...)``: Triton kernels, torch ops, or ``auto``).
 
     Raises:
-        ValueError: ``cuda_graph`` without a CUDA device, or an unknown name.
+        ValueError: ``cuda_graph`` without a CUDA device, an unknown name or kernels value, or
+            ``kernels`` other than ``auto`` with the ``hf`` engine (it has no glue kernels).
     """
+    if kernels not in ("auto", "triton", "torch"):
+        raise ValueError(f"model.rollout_kernels={kernels!r}: expected 'auto', 'triton' or 'torch'")
+    if name == "hf" and kernels != "auto":
+        raise ValueError(f"model.rollout_kernels={kernels!r} chooses the cuda_graph engines' decode kernels; "
+                         "model.rollout_engine is 'hf' (transformers generate), which has none: leave it 'auto'")
     if name == "hf" or (name == "auto" and device.type != "cuda"):
         return HFGenerate()
     if name not in ("auto", "cuda_graph", "cuda_graph_merged"):
@@ -66,5 +74,6 @@ def make_engine(name: EngineName, device: torch.device) -> RolloutEngine:
         raise ValueError(f"model.rollout_engine={name} needs a CUDA GPU; use 'hf' or 'auto' on the CPU")
     from rlhf_lit.rollout.cuda_graph import StaticCudaGraphGenerate
 
-    engine = StaticCudaGraphGenerate(sampler_logprobs=True, lora="merged" if name == "cuda_graph_merged" else "fused")
+    engine = StaticCudaGraphGenerate(sampler_logprobs=True, lora="merged" if name == "cuda_graph_merged" else "fused",
+                                     kernels=kernels)
     return FallbackEngine(engine) if name == "auto" else engine

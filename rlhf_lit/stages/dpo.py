@@ -84,6 +84,9 @@ class DPOModule(PairTraining, PolicyStage):
         sampling: Sampling of the ``test`` report's responses.
         eval_sampling: Defaults to ``sampling``.
         rollout_engine: ``hf``, ``cuda_graph``, ``cuda_graph_merged`` or ``auto`` (for ``test`` sampling).
+        rollout_kernels: The cuda_graph engines' decode-step glue (norms, RoPE, attention, SiLU,
+            sampling): ``triton`` kernels, ``torch`` ops, or ``auto`` (Triton on a GPU where its kernels
+            pass a self-test, else torch ops with a warning). Only ``auto`` with ``rollout_engine: hf``.
         optimizer: Optimizer over the policy adapter.
         lr_scheduler: Optional scheduler, stepped once per optimizer step.
         output_dir: Where the trained policy adapter is exported (PEFT folder); default ``<log dir>/adapter``.
@@ -105,6 +108,7 @@ class DPOModule(PairTraining, PolicyStage):
         sampling: SamplingConfig = SamplingConfig(),
         eval_sampling: Optional[SamplingConfig] = None,
         rollout_engine: Literal["auto", "hf", "cuda_graph", "cuda_graph_merged"] = "auto",
+        rollout_kernels: Literal["auto", "triton", "torch"] = "auto",
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         output_dir: Optional[str] = None,
@@ -115,7 +119,8 @@ class DPOModule(PairTraining, PolicyStage):
         seed: int = 0,
     ) -> None:
         super().__init__(policy, reward, sampling, eval_sampling, rollout_engine, optimizer, lr_scheduler,
-                         output_dir, eval_samples_per_prompt, eval_rewards, extra_stop_tokens, seed)
+                         output_dir, eval_samples_per_prompt, eval_rewards, extra_stop_tokens, seed,
+                         rollout_kernels=rollout_kernels)
         if policy.critic == "adapter":
             raise ConfigError("model.policy.critic='adapter' trains a critic adapter DPO never uses: set 'none'")
         if policy.sft_adapter is None:

@@ -42,6 +42,9 @@ class PolicyStage(AdapterStage):
             decoding with the policy LoRA merged into a copy of each bf16 weight, recomputed every
             rollout and freed after it (no LoRA GEMMs per token; ~13 GB more during rollouts on a 7B
             model).
+        rollout_kernels: The cuda_graph engines' decode-step glue (norms, RoPE, attention, SiLU,
+            sampling): ``triton`` kernels, ``torch`` ops, or ``auto`` (Triton on a GPU where its kernels
+            pass a self-test, else torch ops with a warning). Only ``auto`` with ``rollout_engine: hf``.
         optimizer: Optimizer over the trained weights.
         lr_scheduler: Optional scheduler.
         output_dir: Where the trained policy adapter is exported (PEFT folder); default ``<log dir>/adapter``.
@@ -70,6 +73,7 @@ class PolicyStage(AdapterStage):
         eval_rewards: Optional[list[RewardBackend]] = None,
         extra_stop_tokens: Optional[list[str]] = None,
         seed: int = 0,
+        rollout_kernels: Literal["auto", "triton", "torch"] = "auto",
     ) -> None:
         super().__init__(policy, optimizer, lr_scheduler, output_dir, seed)
         self.sampling = sampling
@@ -80,6 +84,7 @@ class PolicyStage(AdapterStage):
             reward = Profanity()
         self.reward = reward
         self.rollout_engine_name = rollout_engine
+        self.rollout_kernels = rollout_kernels
         self.eval_samples_per_prompt = eval_samples_per_prompt
         self.eval_rewards = check_eval_rewards(eval_rewards)
         self.extra_stop_tokens = list(extra_stop_tokens or [])
@@ -90,7 +95,7 @@ class PolicyStage(AdapterStage):
         self.reward.setup(device)
         for backend in self.eval_rewards:
             backend.setup(device)
-        self.engine = make_engine(self.rollout_engine_name, device)
+        self.engine = make_engine(self.rollout_engine_name, device, self.rollout_kernels)
 
     def check_tokenizer(self, tokenizer) -> None:
         self._stop_token_ids = resolve_stop_tokens(tokenizer, self.extra_stop_tokens)

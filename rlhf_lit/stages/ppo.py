@@ -66,6 +66,9 @@ class PPOModule(PolicyStage):
             decoding with the policy LoRA merged into a copy of each bf16 weight, recomputed every
             rollout and freed after it (no LoRA GEMMs per token; ~13 GB more during rollouts on a 7B
             model).
+        rollout_kernels: The cuda_graph engines' decode-step glue (norms, RoPE, attention, SiLU,
+            sampling): ``triton`` kernels, ``torch`` ops, or ``auto`` (Triton on a GPU where its kernels
+            pass a self-test, else torch ops with a warning). Only ``auto`` with ``rollout_engine: hf``.
         optimizer: Optimizer over the policy adapter, the value head and (with ``critic: adapter``) the
             critic adapter.
         lr_scheduler: Optional scheduler, stepped once per rollout.
@@ -91,6 +94,7 @@ class PPOModule(PolicyStage):
         sampling: SamplingConfig = SamplingConfig(),
         eval_sampling: Optional[SamplingConfig] = None,
         rollout_engine: Literal["auto", "hf", "cuda_graph", "cuda_graph_merged"] = "auto",
+        rollout_kernels: Literal["auto", "triton", "torch"] = "auto",
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         rollout_batch_size: int = 8,
@@ -104,7 +108,8 @@ class PPOModule(PolicyStage):
         seed: int = 0,
     ) -> None:
         super().__init__(policy, reward, sampling, eval_sampling, rollout_engine, optimizer, lr_scheduler,
-                         output_dir, eval_samples_per_prompt, eval_rewards, extra_stop_tokens, seed)
+                         output_dir, eval_samples_per_prompt, eval_rewards, extra_stop_tokens, seed,
+                         rollout_kernels=rollout_kernels)
         self.ppo = ppo
         self.rollout_batch_size = rollout_batch_size
         self.export_every_n_rollouts = export_every_n_rollouts
