@@ -40,6 +40,9 @@ def test_fit_help_shows_the_config_fields_docstrings(capsys):
     assert "--model.ppo.ppo_epochs PPO_EPOCHS Passes over each rollout batch." in out
     assert "--model.policy.critic {value_head,adapter,none} The critic." in out
     assert "--model.sampling.temperature" in out
+    # the stage's own arguments too (a "\n\n" in its docstring once hid them all from the parser)
+    assert "--model.rollout_kernels {auto,triton,torch} The cuda_graph engines' decode-step glue" in out
+    assert "--model.rollout_engine {auto,hf,cuda_graph,cuda_graph_merged} ``hf`` (transformers generate)" in out
 
 
 def test_print_config_loads_no_model(tmp_path, capsys, monkeypatch):
@@ -61,6 +64,13 @@ def test_rollout_kernels_is_an_option_of_the_config(tmp_path, capsys, monkeypatc
     assert e.value.code != 0
     err = capsys.readouterr().err
     assert "rollout_kernels" in err and "fast" in err
+    # the hf engine has no glue kernels: a ConfigError (python -m prints it alone, exit 2) when the
+    # stage is built, before any weights load (the empty cache stays empty)
+    from rlhf_lit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.rollout_kernels='triton' chooses the cuda_graph engines"):
+        run_cli("fit", "--config", DEMO, "--model.rollout_engine", "hf", "--model.rollout_kernels", "triton")
+    assert not (tmp_path / "empty-cache").exists()
 
 
 def test_fit_writes_logs_checkpoints_and_adapter(trained_run):

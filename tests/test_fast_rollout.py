@@ -359,7 +359,7 @@ def test_training_mode_restored():
     assert model.training
 
 
-def test_make_engine_passes_the_configured_decode_kernels():
+def test_make_engine_passes_the_configured_decode_kernels(caplog):
     """``model.rollout_kernels`` reaches the CUDA-graph engine (built, not run: no GPU needed), and
     is refused with the HF engine, which has no glue kernels."""
     from rlhf_lit.rollout.auto import FallbackEngine, make_engine
@@ -371,7 +371,9 @@ def test_make_engine_passes_the_configured_decode_kernels():
     assert eng.kernels == "triton" and eng.lora_mode == "merged"
     eng = make_engine("auto", cuda)
     assert isinstance(eng, FallbackEngine) and eng.active.kernels == "auto"
-    assert make_engine("auto", torch.device("cpu"), "torch").name == "HFGenerate"  # auto on the CPU
+    with caplog.at_level("WARNING", logger="rlhf_lit.rollout.auto"):
+        assert make_engine("auto", torch.device("cpu"), "torch").name == "HFGenerate"  # auto on the CPU
+    assert "model.rollout_kernels='torch' has no effect here" in caplog.text
     with pytest.raises(ValueError, match="model.rollout_kernels='triton' chooses the cuda_graph engines"):
         make_engine("hf", cuda, "triton")
     with pytest.raises(ValueError, match="model.rollout_kernels='fast': expected 'auto', 'triton' or 'torch'"):

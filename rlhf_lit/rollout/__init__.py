@@ -7,11 +7,11 @@ the PPO ratio starts at exactly 1 whatever the engine does internally.
 - ``base.py``        :class:`SamplingConfig` (``model.sampling``) and the :class:`RolloutEngine` interface
 - ``hf_generate.py`` transformers' ``generate``: works everywhere
 - ``cuda_graph.py``  static KV cache + the decode step replayed as a CUDA graph (Llama-family decoders)
-- ``auto.py``        ``model.rollout_engine``: the choice, and the fallback of ``auto``
+- ``auto.py``        ``model.rollout_engine`` and ``model.rollout_kernels``: the choice, and the fallback of ``auto``
 """
 
-from rlhf_lit.rollout.auto import FallbackEngine, make_engine
+from rlhf_lit.rollout.auto import EngineName, FallbackEngine, KernelsName, make_engine
 from rlhf_lit.rollout.base import RolloutEngine, SamplingConfig
 from rlhf_lit.rollout.hf_generate import HFGenerate
 
-__all__ = ["FallbackEngine", "HFGenerate", "RolloutEngine", "SamplingConfig", "make_engine"]
+__all__ = ["EngineName", "FallbackEngine", "HFGenerate", "KernelsName", "RolloutEngine", "SamplingConfig", "make_engine"]

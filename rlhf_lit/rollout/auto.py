@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from rlhf_lit.errors import ConfigError
 from rlhf_lit.rollout.base import RolloutEngine
 from rlhf_lit.rollout.hf_generate import HFGenerate
 
@@ -53,19 +54,32 @@ class FallbackEngine(RolloutEngine):
         self.active.release()
 
 
+def check_kernels(name: str, kernels: str) -> None:
+    """``model.rollout_kernels`` against ``model.rollout_engine``, before anything loads.
+
+    Raises:
+        ConfigError: an unknown kernels value, or one other than ``auto`` with the ``hf`` engine
+            (transformers generate has no glue kernels to choose).
+    """
+    if kernels not in ("auto", "triton", "torch"):
+        raise ConfigError(f"model.rollout_kernels={kernels!r}: expected 'auto', 'triton' or 'torch'")
+    if name == "hf" and kernels != "auto":
+        raise ConfigError(f"model.rollout_kernels={kernels!r} chooses the cuda_graph engines' decode kernels; "
+                          "model.rollout_engine is 'hf' (transformers generate), which has none: leave it 'auto'")
+
+
 def make_engine(name: EngineName, device: torch.device, kernels: KernelsName = "auto") -> RolloutEngine:
     """The engine ``name`` for ``device``; ``kernels``: the CUDA-graph engine's decode-step glue
     (``StaticCudaGraphGenerate(kernels=...)``: Triton kernels, torch ops, or ``auto``).
 
     Raises:
-        ValueError: ``cuda_graph`` without a CUDA device, an unknown name or kernels value, or
-            ``kernels`` other than ``auto`` with the ``hf`` engine (it has no glue kernels).
+        ValueError: ``cuda_graph`` without a CUDA device, or an unknown name.
+        ConfigError: see :func:`check_kernels`.
     """
-    if kernels not in ("auto", "triton", "torch"):
-        raise ValueError(f"model.rollout_kernels={kernels!r}: expected 'auto', 'triton' or 'torch'")
-    if name == "hf" and kernels != "auto":
-        raise ValueError(f"model.rollout_kernels={kernels!r} chooses the cuda_graph engines' decode kernels; "
-                         "model.rollout_engine is 'hf' (transformers generate), which has none: leave it 'auto'")
+    check_kernels(name, kernels)
+    if name == "auto" and device.type != "cuda" and kernels != "auto":
+        log.warning("model.rollout_kernels=%r has no effect here: rollout_engine=auto samples with HF generate "
+                    "on the %s", kernels, device.type)
     if name == "hf" or (name == "auto" and device.type != "cuda"):
         return HFGenerate()
     if name not in ("auto", "cuda_graph", "cuda_graph_merged"):

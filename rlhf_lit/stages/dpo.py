@@ -30,7 +30,7 @@ from rlhf_lit.algos.preference_losses import (DPOLossType, check_dpo_options, dp
 from rlhf_lit.model import POLICY, REFERENCE, PolicyConfig
 from rlhf_lit.preference_data import pair_collate, stack_pairs
 from rlhf_lit.rewards.base import RewardBackend
-from rlhf_lit.rollout import SamplingConfig
+from rlhf_lit.rollout import KernelsName, SamplingConfig
 from rlhf_lit.run_logging import run_dir
 from rlhf_lit.stages.base import default_optimizer
 from rlhf_lit.stages.pair_training import PairTraining
@@ -84,9 +84,11 @@ class DPOModule(PairTraining, PolicyStage):
         sampling: Sampling of the ``test`` report's responses.
         eval_sampling: Defaults to ``sampling``.
         rollout_engine: ``hf``, ``cuda_graph``, ``cuda_graph_merged`` or ``auto`` (for ``test`` sampling).
-        rollout_kernels: The cuda_graph engines' decode-step glue (norms, RoPE, attention, SiLU,
-            sampling): ``triton`` kernels, ``torch`` ops, or ``auto`` (Triton on a GPU where its kernels
-            pass a self-test, else torch ops with a warning). Only ``auto`` with ``rollout_engine: hf``.
+        rollout_kernels: For ``test`` sampling, the cuda_graph engines' decode-step glue (norms, RoPE, attention, SiLU,
+            and sampling without top-k/top-p): ``triton`` kernels, ``torch`` ops, or ``auto`` (Triton
+            where it imports and its kernels pass a self-test on the GPU, else torch ops). With
+            ``rollout_engine: hf`` only ``auto`` (an error otherwise); ignored, with a warning, where
+            ``auto`` samples with HF generate (the CPU).
         optimizer: Optimizer over the policy adapter.
         lr_scheduler: Optional scheduler, stepped once per optimizer step.
         output_dir: Where the trained policy adapter is exported (PEFT folder); default ``<log dir>/adapter``.
@@ -108,7 +110,7 @@ class DPOModule(PairTraining, PolicyStage):
         sampling: SamplingConfig = SamplingConfig(),
         eval_sampling: Optional[SamplingConfig] = None,
         rollout_engine: Literal["auto", "hf", "cuda_graph", "cuda_graph_merged"] = "auto",
-        rollout_kernels: Literal["auto", "triton", "torch"] = "auto",
+        rollout_kernels: KernelsName = "auto",
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         output_dir: Optional[str] = None,

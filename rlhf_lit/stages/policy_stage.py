@@ -24,7 +24,8 @@ from rlhf_lit.evaluation.stats import distinct_n
 from rlhf_lit.model import POLICY, REFERENCE, PolicyConfig
 from rlhf_lit.predictions import prediction_rows, write_predictions
 from rlhf_lit.rewards.base import RewardBackend
-from rlhf_lit.rollout import RolloutEngine, SamplingConfig, make_engine
+from rlhf_lit.rollout import KernelsName, RolloutEngine, SamplingConfig, make_engine
+from rlhf_lit.rollout.auto import check_kernels
 from rlhf_lit.stages.base import AdapterStage, default_optimizer
 from rlhf_lit.tokenizer import resolve_stop_tokens
 
@@ -43,8 +44,10 @@ class PolicyStage(AdapterStage):
             rollout and freed after it (no LoRA GEMMs per token; ~13 GB more during rollouts on a 7B
             model).
         rollout_kernels: The cuda_graph engines' decode-step glue (norms, RoPE, attention, SiLU,
-            sampling): ``triton`` kernels, ``torch`` ops, or ``auto`` (Triton on a GPU where its kernels
-            pass a self-test, else torch ops with a warning). Only ``auto`` with ``rollout_engine: hf``.
+            and sampling without top-k/top-p): ``triton`` kernels, ``torch`` ops, or ``auto`` (Triton
+            where it imports and its kernels pass a self-test on the GPU, else torch ops). With
+            ``rollout_engine: hf`` only ``auto`` (an error otherwise); ignored, with a warning, where
+            ``auto`` samples with HF generate (the CPU).
         optimizer: Optimizer over the trained weights.
         lr_scheduler: Optional scheduler.
         output_dir: Where the trained policy adapter is exported (PEFT folder); default ``<log dir>/adapter``.
@@ -52,7 +55,7 @@ class PolicyStage(AdapterStage):
         eval_rewards: Extra reward backends that only score test samples (each ``class_path``/``init_args``,
             distinct ``name``s), reported beside the configured reward; never used for training.
         extra_stop_tokens: Tokens that end a response besides the tokenizer's EOS, by name (``<|im_end|>``)
-            or as the text of one token (``"\n\n"``); checked at startup. Not the PAD token.
+            or as the text of one token (``"\\n\\n"``); checked at startup. Not the PAD token.
         seed: Seed of sampling (each data-parallel rank adds its rank).
     """
 
@@ -73,7 +76,7 @@ class PolicyStage(AdapterStage):
         eval_rewards: Optional[list[RewardBackend]] = None,
         extra_stop_tokens: Optional[list[str]] = None,
         seed: int = 0,
-        rollout_kernels: Literal["auto", "triton", "torch"] = "auto",
+        rollout_kernels: KernelsName = "auto",
     ) -> None:
         super().__init__(policy, optimizer, lr_scheduler, output_dir, seed)
         self.sampling = sampling
@@ -83,6 +86,7 @@ class PolicyStage(AdapterStage):
 
             reward = Profanity()
         self.reward = reward
+        check_kernels(rollout_engine, rollout_kernels)  # a config mistake: before any weights load
         self.rollout_engine_name = rollout_engine
         self.rollout_kernels = rollout_kernels
         self.eval_samples_per_prompt = eval_samples_per_prompt

@@ -43,7 +43,7 @@ from rlhf_lit.evaluation.stats import distinct_n
 from rlhf_lit.model import POLICY, REFERENCE, PolicyConfig, ResponseOutput
 from rlhf_lit.parallel import mean_over_ranks
 from rlhf_lit.rewards.base import RewardBackend, RewardOutput
-from rlhf_lit.rollout import SamplingConfig
+from rlhf_lit.rollout import KernelsName, SamplingConfig
 from rlhf_lit.stages.base import default_optimizer
 from rlhf_lit.stages.policy_stage import PolicyStage
 from rlhf_lit.stages.ppo_config import PPOConfig
@@ -67,8 +67,10 @@ class PPOModule(PolicyStage):
             rollout and freed after it (no LoRA GEMMs per token; ~13 GB more during rollouts on a 7B
             model).
         rollout_kernels: The cuda_graph engines' decode-step glue (norms, RoPE, attention, SiLU,
-            sampling): ``triton`` kernels, ``torch`` ops, or ``auto`` (Triton on a GPU where its kernels
-            pass a self-test, else torch ops with a warning). Only ``auto`` with ``rollout_engine: hf``.
+            and sampling without top-k/top-p): ``triton`` kernels, ``torch`` ops, or ``auto`` (Triton
+            where it imports and its kernels pass a self-test on the GPU, else torch ops). With
+            ``rollout_engine: hf`` only ``auto`` (an error otherwise); ignored, with a warning, where
+            ``auto`` samples with HF generate (the CPU).
         optimizer: Optimizer over the policy adapter, the value head and (with ``critic: adapter``) the
             critic adapter.
         lr_scheduler: Optional scheduler, stepped once per rollout.
@@ -81,7 +83,7 @@ class PPOModule(PolicyStage):
         eval_rewards: Extra reward backends that only score test samples (each ``class_path``/``init_args``,
             distinct ``name``s), reported beside the configured reward; never used for training.
         extra_stop_tokens: Tokens that end a response besides the tokenizer's EOS, by name (``<|im_end|>``)
-            or as the text of one token (``"\n\n"``); checked at startup. Not the PAD token (Qwen2.5-Instruct's
+            or as the text of one token (``"\\n\\n"``); checked at startup. Not the PAD token (Qwen2.5-Instruct's
             ``<|endoftext|>``).
         seed: Seed of rollout sampling (each data-parallel rank adds its rank).
     """
@@ -94,7 +96,7 @@ class PPOModule(PolicyStage):
         sampling: SamplingConfig = SamplingConfig(),
         eval_sampling: Optional[SamplingConfig] = None,
         rollout_engine: Literal["auto", "hf", "cuda_graph", "cuda_graph_merged"] = "auto",
-        rollout_kernels: Literal["auto", "triton", "torch"] = "auto",
+        rollout_kernels: KernelsName = "auto",
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         rollout_batch_size: int = 8,
