@@ -9,7 +9,7 @@ engine meets a model it does not know (not a Llama-family decoder), ``auto`` fal
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -61,7 +61,7 @@ def check_kernels(name: str, kernels: str) -> None:
         ConfigError: an unknown kernels value, or one other than ``auto`` with the ``hf`` engine
             (transformers generate has no glue kernels to choose).
     """
-    if kernels not in ("auto", "triton", "torch"):
+    if kernels not in get_args(KernelsName):
         raise ConfigError(f"model.rollout_kernels={kernels!r}: expected 'auto', 'triton' or 'torch'")
     if name == "hf" and kernels != "auto":
         raise ConfigError(f"model.rollout_kernels={kernels!r} chooses the cuda_graph engines' decode kernels; "

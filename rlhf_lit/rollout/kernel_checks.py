@@ -73,10 +73,10 @@ def _cache(k_cache: Tensor, v_cache: Tensor, shape: tuple) -> None:
         if _overlaps_itself(c):
             raise ValueError(f"{name}'s elements overlap in memory (strides {c.stride()} for shape {tuple(c.shape)}): "
                              "a cache column written for one row or head would change another")
-    if k_cache.numel() and _byte_range(k_cache)[0] < _byte_range(v_cache)[1] \
-            and _byte_range(v_cache)[0] < _byte_range(k_cache)[1] and k_cache.untyped_storage().data_ptr() \
-            == v_cache.untyped_storage().data_ptr():
-        raise ValueError("k_cache and v_cache share memory: each needs its own (writing k would change v)")
+    if k_cache.numel() and k_cache.untyped_storage().data_ptr() == v_cache.untyped_storage().data_ptr():
+        (k0, k1), (v0, v1) = _byte_range(k_cache), _byte_range(v_cache)
+        if k0 < v1 and v0 < k1:
+            raise ValueError("k_cache and v_cache share memory: each needs its own (writing k would change v)")
 
 
 def _byte_range(t: Tensor) -> tuple[int, int]:

@@ -84,11 +84,11 @@ class DPOModule(PairTraining, PolicyStage):
         sampling: Sampling of the ``test`` report's responses.
         eval_sampling: Defaults to ``sampling``.
         rollout_engine: ``hf``, ``cuda_graph``, ``cuda_graph_merged`` or ``auto`` (for ``test`` sampling).
-        rollout_kernels: For ``test`` sampling, the cuda_graph engines' decode-step glue (norms, RoPE, attention, SiLU,
-            and sampling without top-k/top-p): ``triton`` kernels, ``torch`` ops, or ``auto`` (Triton
-            where it imports and its kernels pass a self-test on the GPU, else torch ops). With
-            ``rollout_engine: hf`` only ``auto`` (an error otherwise); ignored, with a warning, where
-            ``auto`` samples with HF generate (the CPU).
+        rollout_kernels: For ``test`` sampling, the cuda_graph engines' decode-step glue (norms,
+            RoPE, attention, SiLU, and sampling without top-k/top-p): ``triton`` kernels, ``torch``
+            ops, or ``auto`` (Triton where it imports and its kernels pass a self-test on the GPU,
+            else torch ops). With ``rollout_engine: hf`` only ``auto`` (an error otherwise); ignored,
+            with a warning, where ``auto`` samples with HF generate (the CPU).
         optimizer: Optimizer over the policy adapter.
         lr_scheduler: Optional scheduler, stepped once per optimizer step.
         output_dir: Where the trained policy adapter is exported (PEFT folder); default ``<log dir>/adapter``.
